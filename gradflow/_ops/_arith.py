@@ -1,0 +1,206 @@
+"""Arithmetic: + - * / ** and negation with broadcasting, and matrix products.
+
+Binary ops return gradients of the broadcast shape; the engine sums them back
+to each input's shape.
+"""
+
+import numbers
+
+
+from ..autograd import Function
+from ._common import as_operand, check_float, check_broadcast
+
+__all__ = ["add", "sub", "mul", "div", "pow", "neg", "matmul"]
+
+
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+class Sub(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        return a - b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, (-grad if ctx.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad
+        return (grad * b if need_a else None), (grad * a if need_b else None)
+
+
+class Div(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        out = a / b
+        ctx.save_for_backward(b, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        b, out = ctx.saved_tensors
+        grad_a = grad / b
+        grad_b = -grad_a * out if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class Pow(Function):
+    @staticmethod
+    def forward(ctx, base, exponent):
+        out = base**exponent
+        ctx.save_for_backward(base, exponent, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        base, exponent, out = ctx.saved_tensors
+        xp = ctx.xp
+        need_base, need_exponent = ctx.needs_input_grad
+        grad_base = grad_exponent = None
+        if need_base:
+            grad_base = grad * exponent * base ** (exponent - 1)
+        if need_exponent:
+            # NOTE: d(b**e)/de = b**e * log(b); PyTorch sets it to 0 where
+            # b == 0 and e >= 0 (the limit), instead of 0 * -inf = nan.
+            safe_log = xp.log(xp.where(base == 0, 1, base))
+            grad_exponent = grad * out * safe_log
+            grad_exponent = xp.where((base == 0) & (exponent >= 0), 0, grad_exponent)
+        return grad_base, grad_exponent
+
+
+class Neg(Function):
+    @staticmethod
+    def forward(ctx, a):
+        return -a
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class MatMul(Function):
+    """NumPy's matmul: 1-D vectors, 2-D matrices and broadcast batches."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        xp = ctx.xp
+        need_a, need_b = ctx.needs_input_grad
+        if a.ndim == 1 and b.ndim == 1:
+            return (grad * b if need_a else None), (grad * a if need_b else None)
+        if a.ndim == 1:
+            # (k) @ (..., k, n): treat a as a (1, k) matrix.
+            grad_row = xp.expand_dims(grad, -2)
+            grad_a = (grad_row @ xp.swapaxes(b, -1, -2))[..., 0, :] if need_a else None
+            grad_b = xp.expand_dims(a, -1) @ grad_row if need_b else None
+            return grad_a, grad_b
+        if b.ndim == 1:
+            # (..., m, k) @ (k): treat b as a (k, 1) matrix.
+            grad_col = xp.expand_dims(grad, -1)
+            grad_a = grad_col @ xp.expand_dims(b, -2) if need_a else None
+            grad_b = (xp.swapaxes(a, -1, -2) @ grad_col)[..., 0] if need_b else None
+            return grad_a, grad_b
+        grad_a = grad @ xp.swapaxes(b, -1, -2) if need_a else None
+        grad_b = xp.swapaxes(a, -1, -2) @ grad if need_b else None
+        return grad_a, grad_b
+
+
+def _binary(function, name, a, b):
+    a, b = as_operand(a, b), as_operand(b, a)
+    check_broadcast(name, a, b)
+    return function.apply(a, b)
+
+
+def add(a, b):
+    """Return ``a + b`` with broadcasting; either side may be a Python number."""
+    return _binary(Add, "add", a, b)
+
+
+def sub(a, b):
+    """Return ``a - b`` with broadcasting."""
+    return _binary(Sub, "sub", a, b)
+
+
+def mul(a, b):
+    """Return ``a * b`` with broadcasting."""
+    return _binary(Mul, "mul", a, b)
+
+
+def div(a, b):
+    """Return ``a / b`` with broadcasting (true division)."""
+    return _binary(Div, "div", a, b)
+
+
+def pow(a, b):
+    """Return ``a ** b``; the exponent may be a Python number or a Tensor."""
+    if isinstance(b, numbers.Number) and not isinstance(b, bool):
+        return Pow.apply(a, b)
+    return _binary(Pow, "pow", a, b)
+
+
+def neg(a):
+    """Return ``-a``."""
+    return Neg.apply(a)
+
+
+def matmul(a, b):
+    """Return the matrix product ``a @ b`` with NumPy's matmul rules.
+
+    Both operands must be Tensors of one floating dtype: unlike elementwise
+    ops, a product of float32 and float64 is rejected rather than promoted,
+    because it usually means data and weights disagree.
+    """
+    from .._tensor import Tensor
+
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        a, b = as_operand(a, b), as_operand(b, a)
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            raise TypeError("matmul: both operands must be tensors or arrays, not scalars")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(
+            f"matmul: both operands need at least one dimension, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}; use * for scalars."
+        )
+    k_a = a.shape[-1]
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if k_a != k_b:
+        raise ValueError(
+            f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} are not "
+            f"aligned: the last axis of the first ({k_a}) must equal the "
+            f"{'only' if b.ndim == 1 else 'second-to-last'} axis of the "
+            f"second ({k_b})."
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"matmul: dtypes differ ({a.dtype} and {b.dtype}); cast one with "
+            ".float() or .double() so both match."
+        )
+    check_float("matmul", a)
+    if a.ndim > 2 and b.ndim > 2:
+        check_broadcast("matmul", a.shape[:-2], b.shape[:-2], shapes=True)
+    return MatMul.apply(a, b)
+
+
+

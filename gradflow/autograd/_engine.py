@@ -1,0 +1,271 @@
+"""The backward engine: walks the tape in reverse topological order.
+
+The walk is iterative (no recursion, so a chain of any length works) and
+counts, for every record it can reach, how many downstream uses feed it. A
+record runs only once all of them have delivered their gradient, so the
+gradient of a value used several times is summed before it flows further.
+"""
+
+from ..errors import GraphError
+from . import _grad_mode
+from ._function import Context
+
+__all__ = ["run_backward"]
+
+Tensor = None  # set by gradflow._tensor
+make_tensor = None
+tensor_namespace = None
+array_namespace = None
+
+
+def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
+                 allow_unused=False):
+    """Backpropagate ``root_grads`` from the Tensors ``roots``.
+
+    With ``inputs`` None, gradients accumulate into ``.grad`` of the leaves
+    (``Tensor.backward``). Otherwise the gradients of ``inputs`` are returned
+    and no ``.grad`` changes (``gradflow.grad``).
+    """
+    if retain_graph is None:
+        retain_graph = create_graph
+    captures = _capture_table(inputs) if inputs is not None else None
+    results = {}
+    buffers = {}
+    leaf_grads = []
+    for root, grad in zip(roots, root_grads):
+        if root.grad_fn is None:
+            _deliver_leaf(root, grad, captures, results, leaf_grads, create_graph)
+        else:
+            _add_to_buffer(buffers, root.grad_fn, root._out_index, grad)
+
+    dependencies = _count_dependencies(buffers)
+    ready = [node for node in buffers if dependencies.get(node, 0) == 0]
+    with _grad_mode.set_grad_enabled(create_graph):
+        while ready:
+            node = ready.pop()
+            grads = _collect_output_grads(node, buffers.pop(node), create_graph)
+            _run_output_hooks(node, grads, captures, results)
+            grad_inputs = _call_backward(node, grads, create_graph)
+            if not retain_graph:
+                node.release()
+            for edge, meta, grad in zip(node.edges, node.input_meta, grad_inputs):
+                if edge is None or grad is None:
+                    continue
+                grad = _fit_to_input(node, grad, meta)
+                if type(edge) is tuple:
+                    parent = edge[0]
+                    _add_to_buffer(buffers, parent, edge[1], grad)
+                    dependencies[parent] -= 1
+                    if dependencies[parent] == 0:
+                        ready.append(parent)
+                else:
+                    _deliver_leaf(edge, grad, captures, results, leaf_grads,
+                                  create_graph)
+    _store_leaf_grads(leaf_grads, create_graph)
+    if inputs is None:
+        return None
+    return _gather_results(inputs, results, allow_unused)
+
+
+def _capture_table(inputs):
+    # gf.grad's inputs, keyed by where their gradient is known in full: the
+    # leaf Tensor itself, or the (record, output index) that produced it.
+    table = {}
+    for position, t in enumerate(inputs):
+        key = id(t) if t.grad_fn is None else (t.grad_fn, t._out_index)
+        table.setdefault(key, []).append(position)
+    return table
+
+
+def _count_dependencies(starts):
+    dependencies = {}
+    seen = set(starts)
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        for edge in node.edges:
+            if type(edge) is tuple:
+                parent = edge[0]
+                dependencies[parent] = dependencies.get(parent, 0) + 1
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+    return dependencies
+
+
+def _add_to_buffer(buffers, node, index, grad):
+    slots = buffers.get(node)
+    if slots is None:
+        slots = buffers[node] = [None] * len(node.out_meta)
+    current = slots[index]
+    slots[index] = grad if current is None else current + grad
+
+
+def _collect_output_grads(node, slots, create_graph):
+    # Outputs that received no gradient get zeros, so every backward sees one
+    # gradient per output.
+    grads = []
+    for grad, (shape, dtype) in zip(slots, node.out_meta):
+        if grad is None:
+            xp = _namespace_for(node, create_graph)
+            grad = xp.zeros(shape, dtype=dtype)
+        grads.append(grad)
+    return grads
+
+
+def _namespace_for(node, create_graph):
+    if create_graph:
+        return tensor_namespace(node.array_module)
+    return array_namespace(node.array_module)
+
+
+def _run_output_hooks(node, grads, captures, results):
+    if node._hooks:
+        for index, hooks in node._hooks.items():
+            for hook in hooks:
+                replaced = hook(_as_tensor(grads[index]))
+                if replaced is not None:
+                    grads[index] = _unwrap_like(replaced, grads[index])
+    if node._retained and captures is None:
+        for index, ref in node._retained.items():
+            target = ref()
+            if target is not None:
+                _accumulate_into(target, grads[index], detach=True)
+    if captures:
+        for index in range(len(grads)):
+            for position in captures.get((node, index), ()):
+                results[position] = grads[index]
+
+
+def _call_backward(node, grads, create_graph):
+    backward = node.function.backward
+    if create_graph and getattr(backward, "once_differentiable", False):
+        grads = [g.data for g in grads]
+        with _grad_mode.no_grad():
+            node.xp = _namespace_for(node, False)
+            out = backward(node, *grads)
+    else:
+        if create_graph:
+            grads = [g if isinstance(g, Tensor) else make_tensor(g) for g in grads]
+        node.xp = _namespace_for(node, create_graph)
+        out = backward(node, *grads)
+    if not isinstance(out, tuple):
+        out = (out,)
+    if len(out) != len(node.edges):
+        raise GraphError(
+            f"backward of '{node.name}' returned {len(out)} gradient(s), but "
+            f"its forward took {len(node.edges)} positional argument(s); "
+            "return one gradient (or None) per argument."
+        )
+    return out
+
+
+def _fit_to_input(node, grad, meta):
+    """Sum a broadcast gradient back to its input's shape and dtype."""
+    shape, dtype = meta
+    if grad.shape != shape:
+        grad = _sum_to_shape(node, grad, shape)
+    if grad.dtype != dtype:
+        grad = grad.astype(dtype)
+    return grad
+
+
+def _sum_to_shape(node, grad, shape):
+    extra = grad.ndim - len(shape)
+    if extra < 0:
+        raise GraphError(
+            f"backward of '{node.name}' returned a gradient of shape "
+            f"{tuple(grad.shape)} for an input of shape {shape}."
+        )
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1
+    )
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    if extra:
+        grad = grad.reshape(shape)
+    if grad.shape != shape:
+        raise GraphError(
+            f"backward of '{node.name}' returned a gradient of shape "
+            f"{tuple(grad.shape)}, which does not broadcast to its input's "
+            f"shape {shape}."
+        )
+    return grad
+
+
+def _deliver_leaf(leaf, grad, captures, results, leaf_grads, create_graph):
+    if captures is not None:
+        for position in captures.get(id(leaf), ()):
+            previous = results.get(position)
+            results[position] = grad if previous is None else previous + grad
+        return
+    leaf_grads.append((leaf, grad))
+
+
+def _store_leaf_grads(leaf_grads, create_graph):
+    # A leaf may receive several contributions in one walk; hooks see their
+    # sum, once, as PyTorch's accumulation node does.
+    totals = {}
+    order = []
+    for leaf, grad in leaf_grads:
+        key = id(leaf)
+        if key in totals:
+            totals[key][1] = totals[key][1] + grad
+        else:
+            totals[key] = [leaf, grad]
+            order.append(key)
+    for key in order:
+        leaf, grad = totals[key]
+        if leaf._hooks:
+            for hook in leaf._hooks:
+                replaced = hook(_as_tensor(grad))
+                if replaced is not None:
+                    grad = _unwrap_like(replaced, grad)
+        _accumulate_into(leaf, grad, detach=not create_graph)
+
+
+def _accumulate_into(target, grad, detach):
+    if isinstance(grad, Tensor):
+        if detach:
+            grad = grad.data
+        elif target.grad is None:
+            target.grad = grad
+            return
+        else:
+            target.grad = target.grad + grad
+            return
+    if target.grad is None:
+        # Copy, because the engine may hand the same array to several inputs
+        # (an add passes its gradient through unchanged).
+        target.grad = make_tensor(grad.copy())
+    elif target.grad.grad_fn is not None:
+        target.grad = target.grad + make_tensor(grad)
+    else:
+        target.grad.data += grad
+        target.grad._version[0] += 1
+
+
+def _as_tensor(grad):
+    return grad if isinstance(grad, Tensor) else make_tensor(grad)
+
+
+def _unwrap_like(replaced, original):
+    if isinstance(original, Tensor):
+        return replaced if isinstance(replaced, Tensor) else make_tensor(replaced)
+    return replaced.data if isinstance(replaced, Tensor) else replaced
+
+
+def _gather_results(inputs, results, allow_unused):
+    out = []
+    for position, t in enumerate(inputs):
+        grad = results.get(position)
+        if grad is None and not allow_unused:
+            raise GraphError(
+                f"input {position} (shape {tuple(t.shape)}) of gf.grad is not "
+                "reached by backward from the outputs, so it has no gradient. "
+                "Pass allow_unused=True to get None for it instead."
+            )
+        if grad is not None and not isinstance(grad, Tensor):
+            grad = make_tensor(grad)
+        out.append(grad)
+    return tuple(out)

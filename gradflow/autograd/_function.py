@@ -1,0 +1,254 @@
+"""Custom operations: ``Function`` and the ``Context`` record it leaves on the tape.
+
+Every built-in op is a ``Function`` too, so this file is the whole contract
+between an op and the backward engine:
+
+* ``forward(ctx, *args, **kwargs)`` receives the arrays (NumPy or CuPy) of
+  the Tensor arguments and every other argument unchanged, and returns an
+  array or a tuple of arrays.
+* ``backward(ctx, *grad_outputs)`` returns one gradient per positional
+  argument of ``forward`` (None for non-Tensor arguments and for inputs that
+  need no gradient). The engine sums each gradient back to its input's shape,
+  so a broadcasting op may return a gradient of the broadcast shape.
+* ``ctx.save_for_backward(*arrays)`` keeps what backward needs, and
+  ``ctx.saved_tensors`` returns it.
+
+Backward normally sees arrays. When the backward pass itself is recorded
+(``create_graph=True``) it sees Tensors instead, so a formula written with
+``ctx.xp`` (the array module, or gradflow's Tensor functions under
+``create_graph``) and Python operators serves both cases.
+"""
+
+from .._device import array_module
+from ..errors import GraphFreedError, InplaceModificationError
+from . import _grad_mode
+
+__all__ = ["Function", "Context", "once_differentiable"]
+
+# Set by gradflow._tensor at import, to avoid an import cycle.
+Tensor = None
+make_tensor = None
+check_devices = None
+
+# Called with each new record when non-empty (the saved-tensor ledger uses it).
+record_hooks = []
+
+
+class Context:
+    """The tape record of one operation, and the ``ctx`` its methods receive.
+
+    Holds the edges to the records (or leaf Tensors) that produced the
+    inputs, the arrays saved for backward, and the output metadata the engine
+    needs to build zero gradients for unused outputs. It never holds its own
+    outputs, so the graph has no reference cycles.
+    """
+
+    __slots__ = (
+        "function", "edges", "input_meta", "needs_input_grad", "out_meta",
+        "saved", "_saved_kinds", "_saved_versions", "_released", "_hooks",
+        "_retained", "xp", "array_module", "__dict__", "__weakref__",
+    )
+
+    def __init__(self):
+        self.saved = ()
+        self._saved_kinds = None
+        self._hooks = None
+        self._retained = None
+        self._released = False
+
+    @property
+    def name(self):
+        """The op's name, as error messages and the ledger print it."""
+        return self.function.__name__ if self.function else "<no op>"
+
+    def save_for_backward(self, *arrays):
+        """Keep ``arrays`` (forward's inputs, outputs or temporaries) for backward."""
+        self.saved = arrays
+
+    def mark_non_differentiable(self, *arrays):
+        """Declare outputs (by array identity) that carry no gradient."""
+        self.__dict__["_non_diff"] = arrays
+
+    @property
+    def saved_tensors(self):
+        """The saved values: arrays, or Tensors while backward is recorded."""
+        if self._released:
+            raise GraphFreedError(
+                f"backward reached '{self.name}' a second time, but its saved "
+                "arrays were already freed by the first backward. Pass "
+                "retain_graph=True to the first backward (or gf.grad) if you "
+                "need to run backward through this graph again."
+            )
+        if self._saved_kinds is None:
+            return self.saved
+        self._check_versions()
+        if _grad_mode.is_grad_enabled():
+            return tuple(self._unpack_tensor(i) for i in range(len(self.saved)))
+        return tuple(
+            s.data if kind == "input" else s
+            for s, kind in zip(self.saved, self._saved_kinds)
+        )
+
+    def _unpack_tensor(self, i):
+        value, kind = self.saved[i], self._saved_kinds[i]
+        if kind == "input":
+            return value
+        if isinstance(kind, int):
+            # An output of this record: rebuild it pointing at this record, so a
+            # recorded backward can differentiate through it.
+            return make_tensor(value, self, kind)
+        return make_tensor(value)
+
+    def _check_versions(self):
+        for index, counter, version in self._saved_versions:
+            if counter[0] != version:
+                kind = self._saved_kinds[index]
+                role = "an input" if kind == "input" else "an output"
+                raise InplaceModificationError(
+                    f"a tensor that '{self.name}' saved for backward ({role}, "
+                    f"shape {tuple(self.saved[index].shape)}) was modified in "
+                    f"place after it was saved (version {counter[0]}, expected "
+                    f"{version}). Use an out-of-place op (x = x + 1, not x += 1) "
+                    "or clone the tensor before changing it."
+                )
+
+    def release(self):
+        """Drop the saved arrays once backward no longer needs them."""
+        self.saved = ()
+        self._saved_kinds = None
+        self._released = True
+
+
+def once_differentiable(backward):
+    """Mark a ``backward`` that works on arrays only.
+
+    When such a backward would be recorded (``create_graph=True``), the engine
+    runs it on arrays instead, and the gradients it returns carry no graph of
+    their own; a second-order gradient through this op is then zero.
+    """
+    backward.once_differentiable = True
+    return backward
+
+
+class Function:
+    """Base class of differentiable operations; subclass it and call ``apply``.
+
+    >>> class Square(gf.autograd.Function):
+    ...     @staticmethod
+    ...     def forward(ctx, x):
+    ...         ctx.save_for_backward(x)
+    ...         return x * x
+    ...     @staticmethod
+    ...     def backward(ctx, grad_output):
+    ...         (x,) = ctx.saved_tensors
+    ...         return 2 * x * grad_output
+    >>> y = Square.apply(gf.tensor([3.0], requires_grad=True))
+    """
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError("Function subclasses must define forward")
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise NotImplementedError("Function subclasses must define backward")
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        """Run ``forward`` on the arrays of ``args`` and record it when needed."""
+        arrays = []
+        tensors = []
+        requires_grad = False
+        for arg in args:
+            if isinstance(arg, Tensor):
+                arrays.append(arg.data)
+                tensors.append(arg)
+                requires_grad = requires_grad or arg._requires_grad
+            else:
+                arrays.append(arg)
+        if len(tensors) > 1:
+            check_devices(cls, tensors)
+        ctx = Context()
+        ctx.function = cls
+        out = cls.forward(ctx, *arrays, **kwargs)
+        record = requires_grad and _grad_mode.is_grad_enabled()
+        if isinstance(out, tuple):
+            if not record:
+                return tuple(make_tensor(o) for o in out)
+            outputs = out
+        else:
+            if not record:
+                return make_tensor(out)
+            outputs = (out,)
+        _record(ctx, args, arrays, outputs)
+        results = tuple(make_tensor(o, ctx, i) for i, o in enumerate(outputs))
+        non_diff = ctx.__dict__.get("_non_diff")
+        if non_diff:
+            for t in results:
+                if any(t.data is a for a in non_diff):
+                    t.grad_fn = None
+                    t._requires_grad = False
+        if ctx._saved_kinds is not None:
+            _note_output_versions(ctx, results)
+        for hook in record_hooks:
+            hook(ctx)
+        return results if isinstance(out, tuple) else results[0]
+
+
+def _record(ctx, args, arrays, outputs):
+    """Fill ``ctx`` with the edges and metadata that backward needs."""
+    edges = []
+    meta = []
+    needs = []
+    for arg in args:
+        if isinstance(arg, Tensor) and arg._requires_grad:
+            edges.append(arg if arg.grad_fn is None else (arg.grad_fn, arg._out_index))
+            meta.append((arg.data.shape, arg.data.dtype))
+            needs.append(True)
+        else:
+            edges.append(None)
+            meta.append(None)
+            needs.append(False)
+    ctx.edges = edges
+    first = next(arg for arg in args if isinstance(arg, Tensor))
+    ctx.array_module = array_module(first.data)
+    ctx.input_meta = meta
+    ctx.needs_input_grad = tuple(needs)
+    ctx.out_meta = [(o.shape, o.dtype) for o in outputs]
+    if ctx.saved:
+        _resolve_saved(ctx, args, arrays, outputs)
+
+
+def _resolve_saved(ctx, args, arrays, outputs):
+    # Each saved array is one of three kinds: a Tensor input (kept as the
+    # Tensor, which also lets a recorded backward reach its graph), an output
+    # of this op (kept as the array, since holding the output Tensor would
+    # make a cycle), or a temporary (kept as the array).
+    saved = []
+    kinds = []
+    versions = []
+    for i, value in enumerate(ctx.saved):
+        kind = None
+        for arg, array in zip(args, arrays):
+            if value is array and isinstance(arg, Tensor):
+                kind = "input"
+                versions.append((i, arg._version, arg._version[0]))
+                value = arg
+                break
+        else:
+            for j, out in enumerate(outputs):
+                if value is out:
+                    kind = j
+                    break
+        saved.append(value)
+        kinds.append(kind)
+    ctx.saved = tuple(saved)
+    ctx._saved_kinds = kinds
+    ctx._saved_versions = versions
+
+
+def _note_output_versions(ctx, results):
+    for i, kind in enumerate(ctx._saved_kinds):
+        if isinstance(kind, int):
+            counter = results[kind]._version
+            ctx._saved_versions.append((i, counter, counter[0]))
