@@ -10,7 +10,7 @@ tensor([2., 4., 6.])
 import numpy as _np
 
 from . import _tensor_methods  # noqa: F401  (installs Tensor's operators)
-from . import autograd, cuda
+from . import autograd, cuda, data, nn, optim
 from ._device import Device, device
 from ._factories import (
     arange, empty, eye, full, full_like, linspace, ones, ones_like, rand,
@@ -19,11 +19,20 @@ from ._factories import (
 from ._ops import *  # noqa: F401,F403
 from ._ops import __all__ as _ops_all
 from ._random import get_rng_state, manual_seed, seed, set_rng_state
+from ._serialization import load, save
 from ._tensor import Tensor, as_tensor, from_dlpack, from_numpy, tensor
 from .autograd import (
     enable_grad, grad, gradcheck, is_grad_enabled, no_grad, set_grad_enabled,
 )
-from .errors import GraphError, GraphFreedError, InplaceModificationError, PerformanceWarning
+from .errors import (
+    AnomalyError, GraphError, GraphFreedError, InplaceModificationError,
+    PerformanceWarning,
+)
+from . import anomaly
+from .anomaly import detect_anomaly, is_anomaly_enabled, set_detect_anomaly
+# gradflow.checkpoint is a callable module: gf.checkpoint(fn, *args).
+from . import checkpoint, memory
+from .checkpoint import checkpoint_plan, checkpoint_sequential
 
 float16 = half = _np.dtype(_np.float16)
 float32 = float = _np.dtype(_np.float32)
@@ -40,6 +49,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Device", "GraphError", "GraphFreedError", "InplaceModificationError",
     "PerformanceWarning", "Tensor", "arange", "as_tensor", "autograd", "cuda",
+    "data", "load", "nn", "optim", "save",
+    "AnomalyError", "anomaly", "detect_anomaly", "is_anomaly_enabled",
+    "set_detect_anomaly",
+    "checkpoint", "checkpoint_plan", "checkpoint_sequential", "memory",
     "device", "empty", "enable_grad", "eye", "from_dlpack", "from_numpy", "full",
     "full_like", "get_rng_state", "grad", "gradcheck", "is_grad_enabled",
     "linspace", "manual_seed", "no_grad", "ones", "ones_like", "rand",

@@ -53,7 +53,9 @@ class CUDAGenerator:
         self.counter = int(state["counter"])
 
     def draw(self):
-        cupy = _device.cupy_module()
+        # Without a usable GPU, Device.xp raises a RuntimeError that says how
+        # to fall back to the CPU.
+        cupy = _device.Device("cuda", self.index).xp
         key = np.random.SeedSequence([self.seed, self.counter]).generate_state(1)[0]
         self.counter += 1
         return cupy.random.default_rng(int(key))

@@ -350,6 +350,26 @@ class Tensor:
     def __hash__(self):
         return id(self)
 
+    def __deepcopy__(self, memo):
+        """Copy a leaf tensor's array (and its gradient); a Parameter stays one."""
+        if self.grad_fn is not None:
+            raise GraphError(
+                "only leaf tensors can be deep-copied; this one was produced by "
+                f"'{self.grad_fn.name}'. Deep-copy t.detach() instead."
+            )
+        import copy
+
+        copied = _new_tensor(type(self))
+        copied.data = self.data.copy()
+        copied.grad = None if self.grad is None else copy.deepcopy(self.grad, memo)
+        copied.grad_fn = None
+        copied._out_index = 0
+        copied._requires_grad = self._requires_grad
+        copied._version = [0]
+        copied._hooks = None
+        memo[id(self)] = copied
+        return copied
+
     def __reduce_ex__(self, protocol):
         raise TypeError(
             "gradflow tensors are not picklable; save them with gf.save(), "

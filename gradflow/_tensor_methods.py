@@ -100,6 +100,17 @@ def _records(t, other=None):
     return t._requires_grad or other_grad
 
 
+def _record_inplace(t, op, *args):
+    """Record ``op(t, *args)`` out of place and rebind ``t`` to its result."""
+    # The op gets an alias of t that keeps t's old array and its own version
+    # counter. The bump in _rebind must reach records that saved t earlier,
+    # but not this op, which saved the value from before the change.
+    alias = make_tensor(t.data, t.grad_fn, t._out_index)
+    alias._requires_grad = t._requires_grad
+    alias._version = [t._version[0]]
+    return _rebind(t, op(alias, *args))
+
+
 def _rebind(t, result):
     """Make ``t`` stand for ``result`` (the recorded out-of-place op)."""
     if result.shape != t.shape:
@@ -121,7 +132,7 @@ def _inplace(op, name, numpy_name):
         _check_inplace(self, name)
         other = _common.as_operand(other, self)
         if _records(self, other):
-            return _rebind(self, op(self, other))
+            return _record_inplace(self, op, other)
         other_data = other.data if isinstance(other, Tensor) else other
         _common.check_broadcast(name, self, other if isinstance(other, Tensor) else 0)
         result_shape = np.broadcast_shapes(self.shape, np.shape(other_data))
@@ -153,7 +164,7 @@ def _zero_(self):
     """Fill this tensor with zeros in place."""
     _check_inplace(self, "zero_")
     if _records(self):
-        return _rebind(self, self * 0)
+        return _record_inplace(self, lambda t: t * 0)
     self.data[...] = 0
     self._version[0] += 1
     return self
@@ -163,7 +174,7 @@ def _fill_(self, value):
     """Fill this tensor with ``value`` in place."""
     _check_inplace(self, "fill_")
     if _records(self):
-        return _rebind(self, self * 0 + value)
+        return _record_inplace(self, lambda t: t * 0 + value)
     self.data[...] = value
     self._version[0] += 1
     return self
@@ -174,7 +185,7 @@ def _copy_(self, source):
     _check_inplace(self, "copy_")
     source = _common.as_operand(source, self)
     if _records(self, source):
-        return _rebind(self, self * 0 + source)
+        return _record_inplace(self, lambda t: t * 0 + source)
     source_data = source.data if isinstance(source, Tensor) else source
     if isinstance(source, Tensor) and source.device != self.device:
         raise RuntimeError(
@@ -190,7 +201,7 @@ def _setitem(self, index, value):
     _check_inplace(self, "__setitem__")
     value = _common.as_operand(value, self)
     if _records(self, value):
-        _rebind(self, _ops.index_put(self, index, value))
+        _record_inplace(self, _ops.index_put, index, value)
         return
     xp = np if isinstance(self.data, np.ndarray) else __import__("cupy")
     index = _index.normalize_index(index, self.shape, xp)

@@ -1,21 +1,161 @@
 """Fused kernels that gradflow's ops call through one seam each.
 
 This package knows arrays only (NumPy and CuPy), never gradflow Tensors.
-``fused_activation_backward`` returns the input gradient of an activation
-computed in one pass, or None when no fused kernel applies, in which case
-the caller runs its generic array expression instead.
+Numba is imported on the first call that needs a kernel, never at import.
+
+* ``fused_activation_backward`` returns the input gradient of an activation
+  computed in one pass, or None when no fused kernel applies, in which case
+  the caller runs its generic array expression instead.
+* ``multi_tensor_plan`` tables many gradients of one device, so that their
+  global norm and their scaling each take a number of kernel launches that
+  does not grow with the number of gradients (``gradflow.nn.utils``).
 """
 
-__all__ = ["fused_activation_backward"]
+import warnings
+
+import numpy as np
+
+__all__ = [
+    "ACTIVATIONS", "CPU_MIN_SIZE", "activation_backward",
+    "fused_activation_backward", "multi_tensor_plan",
+]
+
+# What each activation saves for backward, and its parameters in the order
+# the kernels take them as ``a`` and ``b``.
+ACTIVATIONS = {
+    "relu": ("output", ()),
+    "leaky_relu": ("input", ("negative_slope",)),
+    "sigmoid": ("output", ()),
+    "tanh": ("output", ()),
+    "gelu": ("input", ()),
+    "gelu_tanh": ("input", ()),
+    "silu": ("input", ()),
+    "softplus": ("input", ("beta", "threshold")),
+}
+
+# Below this many elements the NumPy expression is faster than starting the
+# parallel loop. NOTE: measured with benchmarks/bench_kernels.py on a 2-core
+# AMD EPYC VM; other machines may want a different value.
+CPU_MIN_SIZE = 1 << 15
+
+_CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_CUDA_DTYPES = _CPU_DTYPES + (np.dtype(np.float16),)
 
 
 def fused_activation_backward(name, saved, grad_output, **params):
     """Return the input gradient of activation ``name``, or None.
 
     ``saved`` is the array the activation kept for backward (its input for
-    gelu, silu, softplus and leaky_relu, its output for relu, sigmoid and
-    tanh) and ``grad_output`` the incoming gradient of the same shape.
+    gelu, gelu_tanh, silu, softplus and leaky_relu, its output for relu,
+    sigmoid and tanh) and ``grad_output`` the incoming gradient of the same
+    shape. ``params`` are the activation's parameters by name (see
+    ``ACTIVATIONS``). None means that the caller's generic expression is
+    the better choice for these arrays.
     """
-    # TODO: no fused kernel is registered yet, so every activation takes the
-    # generic array expression in gradflow._ops._activation.
+    if name not in ACTIVATIONS or type(saved) is not type(grad_output):
+        return None
+    same = saved.dtype == grad_output.dtype and saved.shape == grad_output.shape
+    # A strided input stays on the generic path, which NumPy and CuPy run
+    # on the strides directly; a copy for the kernel would cost a full pass.
+    contiguous = saved.flags.c_contiguous and grad_output.flags.c_contiguous
+    on_cpu = isinstance(saved, np.ndarray)
+    if on_cpu and same and contiguous and saved.dtype in _CPU_DTYPES \
+            and saved.size >= CPU_MIN_SIZE:
+        from . import _cpu
+
+        return _cpu.activation_backward(name, saved, grad_output, *_ab(name, params))
+    on_cuda = not on_cpu and hasattr(saved, "__cuda_array_interface__")
+    # NOTE: no size threshold on CUDA: a launch has not been measured against
+    # CuPy's multi-kernel expression on small arrays yet.
+    if on_cuda and same and contiguous and saved.dtype in _CUDA_DTYPES:
+        from . import _cuda
+
+        return _cuda.activation_backward(name, saved, grad_output, *_ab(name, params))
     return None
+
+
+def activation_backward(name, saved, grad_output, **params):
+    """Run the fused backward of ``name`` on any NumPy or CuPy arrays.
+
+    Unlike ``fused_activation_backward`` this always runs the kernel: a
+    strided input is copied once (with a ``PerformanceWarning``), and small
+    arrays are not sent to the generic path. Raises ValueError for an
+    unknown name, a dtype without a kernel, or mismatched shapes or dtypes.
+    """
+    _check_kernel_arguments(name, saved, grad_output)
+    saved = _contiguous(name, saved, "saved")
+    grad_output = _contiguous(name, grad_output, "grad_output")
+    a, b = _ab(name, params)
+    if isinstance(saved, np.ndarray):
+        from . import _cpu
+
+        return _cpu.activation_backward(name, saved, grad_output, a, b)
+    from . import _cuda
+
+    return _cuda.activation_backward(name, saved, grad_output, a, b)
+
+
+def multi_tensor_plan(arrays):
+    """Return a plan that reduces and scales ``arrays`` together, or None.
+
+    ``arrays`` are the gradients of one device (NumPy or CuPy), of any
+    floating dtypes. The plan's ``norm(norm_type, max_norm)`` returns a
+    float64 array [total norm, clip coefficient] on that device, and its
+    ``scale_(state)`` multiplies every array in place by ``state[1]``.
+    None means that the caller's per-array loop must be used: a strided
+    array, or float16 on the CPU, where Numba cannot type float16.
+    """
+    if not arrays:
+        return None
+    if isinstance(arrays[0], np.ndarray):
+        if any(a.dtype not in _CPU_DTYPES for a in arrays):
+            return None
+        from ._clip_cpu import CpuPlan
+
+        return CpuPlan.build(arrays)
+    if any(a.dtype not in _CUDA_DTYPES for a in arrays):
+        return None
+    from ._clip_cuda import CudaPlan
+
+    return CudaPlan.build(arrays)
+
+
+def _ab(name, params):
+    names = ACTIVATIONS[name][1]
+    values = [float(params[n]) for n in names] + [0.0, 0.0]
+    return values[0], values[1]
+
+
+def _check_kernel_arguments(name, saved, grad_output):
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"activation_backward: unknown activation {name!r}; expected one "
+            f"of {sorted(ACTIVATIONS)}"
+        )
+    dtypes = _CPU_DTYPES if isinstance(saved, np.ndarray) else _CUDA_DTYPES
+    if saved.dtype not in dtypes or saved.dtype != grad_output.dtype:
+        raise ValueError(
+            f"activation_backward({name!r}): saved ({saved.dtype}) and "
+            f"grad_output ({grad_output.dtype}) must share one dtype out of "
+            f"{[str(d) for d in dtypes]}; cast them first."
+        )
+    if saved.shape != grad_output.shape:
+        raise ValueError(
+            f"activation_backward({name!r}): saved has shape {saved.shape} "
+            f"but grad_output has shape {grad_output.shape}; they must match."
+        )
+
+
+def _contiguous(name, array, role):
+    if array.flags.c_contiguous:
+        return array
+    from gradflow.errors import PerformanceWarning
+
+    warnings.warn(
+        f"activation_backward({name!r}): {role} (shape {array.shape}, strides "
+        f"{array.strides}) is not C-contiguous, so it is copied before the "
+        "fused kernel runs; pass a contiguous array to avoid the copy.",
+        PerformanceWarning,
+        stacklevel=3,
+    )
+    return array.copy(order="C")

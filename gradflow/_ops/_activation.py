@@ -3,16 +3,15 @@
 Each backward has one generic formula written against ``ctx.xp``; it is the
 reference, the fallback, and what a recorded backward (``create_graph=True``)
 runs. A plain backward on arrays first asks ``gradflow_kernels`` for a fused
-one-pass kernel, in ``_activation_grad`` below.
+one-pass kernel, in ``activation_grad`` (in ``_unary``, which sigmoid and
+tanh share, and which this module imports from).
 """
 
 import math
 
-import gradflow_kernels
-
 from ..autograd import Function
-from ..autograd._namespace import TensorNamespace
 from ._common import check_float
+from ._unary import activation_grad as _activation_grad
 from ._unary import ctx_xp, stable_sigmoid
 
 __all__ = ["relu", "leaky_relu", "gelu", "silu", "softplus"]
@@ -21,15 +20,6 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_CUBIC = 0.044715
-
-
-def _activation_grad(ctx, name, saved, grad, generic, **params):
-    """Return the input gradient from a fused kernel if one applies, else ``generic``."""
-    if not isinstance(ctx.xp, TensorNamespace):
-        fused = gradflow_kernels.fused_activation_backward(name, saved, grad, **params)
-        if fused is not None:
-            return fused
-    return generic(ctx.xp, saved, grad, **params)
 
 
 class Relu(Function):

@@ -7,6 +7,7 @@ to each input's shape.
 import numbers
 
 
+from .._tensor import Tensor
 from ..autograd import Function
 from ._common import as_operand, check_float, check_broadcast
 
@@ -128,8 +129,12 @@ class MatMul(Function):
 
 
 def _binary(function, name, a, b):
-    a, b = as_operand(a, b), as_operand(b, a)
-    check_broadcast(name, a, b)
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        a, b = as_operand(a, b), as_operand(b, a)
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            return function.apply(a, b)  # a Python number broadcasts to anything
+    if a.data.shape != b.data.shape:
+        check_broadcast(name, a, b)
     return function.apply(a, b)
 
 
@@ -172,8 +177,6 @@ def matmul(a, b):
     ops, a product of float32 and float64 is rejected rather than promoted,
     because it usually means data and weights disagree.
     """
-    from .._tensor import Tensor
-
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         a, b = as_operand(a, b), as_operand(b, a)
         if not isinstance(a, Tensor) or not isinstance(b, Tensor):

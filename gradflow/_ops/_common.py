@@ -4,6 +4,8 @@ import numbers
 
 import numpy as np
 
+from .._tensor import Tensor, _to_array, make_tensor
+
 __all__ = ["as_operand", "check_broadcast", "check_float", "normalize_axes"]
 
 
@@ -14,8 +16,6 @@ def as_operand(value, other):
     tensor's dtype); arrays and lists become constant Tensors on the other
     operand's device when it is a Tensor.
     """
-    from .._tensor import Tensor, _to_array, make_tensor
-
     if isinstance(value, Tensor):
         return value
     if isinstance(value, numbers.Number):

@@ -64,7 +64,7 @@ class IndexPut(Function):
     @staticmethod
     def backward(ctx, grad):
         index = ctx.index
-        need_x, need_value = ctx.needs_input_grad
+        need_x, need_value, _ = ctx.needs_input_grad
         grad_value = grad[index] if need_value else None
         grad_x = None
         if need_x:

@@ -144,7 +144,9 @@ class LogSumExp(Function):
         ctx.axes, ctx.keepdims = axes, keepdims
         shift = x.max(axis=axes, keepdims=True)
         shift = xp.where(xp.isfinite(shift), shift, 0)
-        out = xp.log(xp.exp(x - shift).sum(axis=axes, keepdims=True)) + shift
+        # An all -inf slice sums to 0 and its log is -inf, with no warning.
+        with np.errstate(divide="ignore"):
+            out = xp.log(xp.exp(x - shift).sum(axis=axes, keepdims=True)) + shift
         out = out if keepdims else xp.squeeze(out, axis=axes)
         ctx.save_for_backward(x, out)
         return out

@@ -2,11 +2,13 @@
 
 import math
 
+import gradflow_kernels
 import numpy as np
 
 from .._device import cupy_module
 from .. import _special
 from ..autograd import Function
+from ..autograd._namespace import TensorNamespace
 from ._common import as_operand, check_broadcast, check_float
 
 __all__ = [
@@ -14,6 +16,20 @@ __all__ = [
     "tanh", "sigmoid", "erf", "clamp", "maximum", "minimum", "where",
     "stable_sigmoid",
 ]
+
+
+def activation_grad(ctx, name, saved, grad, generic, **params):
+    """Return the input gradient from a fused kernel if one applies, else ``generic``.
+
+    This is the one place where an activation's backward picks its path: a
+    plain backward on arrays asks ``gradflow_kernels`` first, and a recorded
+    backward (``create_graph=True``, Tensors) always runs ``generic``.
+    """
+    if not isinstance(ctx.xp, TensorNamespace):
+        fused = gradflow_kernels.fused_activation_backward(name, saved, grad, **params)
+        if fused is not None:
+            return fused
+    return generic(ctx.xp, saved, grad, **params)
 
 
 def stable_sigmoid(xp, x):
@@ -119,7 +135,11 @@ class Tanh(Function):
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return grad * (1 - out * out)
+        return activation_grad(ctx, "tanh", out, grad, _tanh_grad)
+
+
+def _tanh_grad(xp, out, grad):
+    return grad * (1 - out * out)
 
 
 class Sigmoid(Function):
@@ -132,7 +152,11 @@ class Sigmoid(Function):
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return grad * out * (1 - out)
+        return activation_grad(ctx, "sigmoid", out, grad, _sigmoid_grad)
+
+
+def _sigmoid_grad(xp, out, grad):
+    return grad * out * (1 - out)
 
 
 class Erf(Function):

@@ -17,6 +17,10 @@ make_tensor = None
 tensor_namespace = None
 array_namespace = None
 
+# Called as anomaly_hook(record, grad_outputs, grad_inputs) after every
+# backward while gradflow.anomaly's detection is on; None otherwise.
+anomaly_hook = None
+
 
 def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
                  allow_unused=False):
@@ -46,6 +50,8 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
             grads = _collect_output_grads(node, buffers.pop(node), create_graph)
             _run_output_hooks(node, grads, captures, results)
             grad_inputs = _call_backward(node, grads, create_graph)
+            if anomaly_hook is not None:
+                anomaly_hook(node, grads, grad_inputs)
             if not retain_graph:
                 node.release()
             for edge, meta, grad in zip(node.edges, node.input_meta, grad_inputs):

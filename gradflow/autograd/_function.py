@@ -33,6 +33,21 @@ check_devices = None
 # Called with each new record when non-empty (the saved-tensor ledger uses it).
 record_hooks = []
 
+# Called with the Tensor arguments of each op that runs unrecorded although
+# one of them requires grad (checkpointing finds captured parameters so).
+unrecorded_hooks = []
+
+# While non-empty, its last entry runs each forward in place of cls.forward,
+# as hook(cls, ctx, arrays, kwargs) (checkpointing's selective policy).
+forward_hooks = []
+
+# Called with each record right after backward freed its saved arrays.
+release_hooks = []
+
+# Called as anomaly_hook(ctx, args, outputs) after every forward while
+# gradflow.anomaly's detection is on; None otherwise.
+anomaly_hook = None
+
 
 class Context:
     """The tape record of one operation, and the ``ctx`` its methods receive.
@@ -117,6 +132,8 @@ class Context:
         self.saved = ()
         self._saved_kinds = None
         self._released = True
+        for hook in release_hooks:
+            hook(self)
 
 
 def once_differentiable(backward):
@@ -170,8 +187,22 @@ class Function:
             check_devices(cls, tensors)
         ctx = Context()
         ctx.function = cls
-        out = cls.forward(ctx, *arrays, **kwargs)
+        # Known before forward runs, so forward can skip saving what no
+        # gradient will need; _record sets the same value again.
+        enabled = _grad_mode.is_grad_enabled()
+        ctx.needs_input_grad = tuple(
+            enabled and isinstance(arg, Tensor) and arg._requires_grad for arg in args
+        )
+        if forward_hooks:
+            out = forward_hooks[-1](cls, ctx, arrays, kwargs)
+        else:
+            out = cls.forward(ctx, *arrays, **kwargs)
+        if anomaly_hook is not None:
+            anomaly_hook(ctx, args, out)
         record = requires_grad and _grad_mode.is_grad_enabled()
+        if unrecorded_hooks and requires_grad and not record:
+            for hook in unrecorded_hooks:
+                hook(tensors)
         if isinstance(out, tuple):
             if not record:
                 return tuple(make_tensor(o) for o in out)

@@ -42,7 +42,12 @@ def numerical_jacobian(fn, inputs, index, eps):
         columns.append(
             np.concatenate([(p - m) / (2 * eps) for p, m in zip(plus, minus)])
         )
-    return np.stack(columns) if columns else np.zeros((0, 0))
+    if not columns:
+        # An empty input gives no rows, but the width must still be the total
+        # output size, to match the analytical Jacobian.
+        total = sum(o.data.size for o in _evaluate(fn, inputs))
+        return np.zeros((0, total))
+    return np.stack(columns)
 
 
 def _analytical_jacobian(fn, inputs, checked):

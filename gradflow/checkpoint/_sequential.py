@@ -1,0 +1,78 @@
+"""Checkpointing a chain of layers in equal segments."""
+
+from ._region import checkpoint
+
+__all__ = ["checkpoint_sequential"]
+
+
+def checkpoint_sequential(functions, segments, input, preserve_rng_state=True,
+                          policy=None):
+    """Run ``functions`` in order, checkpointing them in ``segments`` equal parts.
+
+    ``functions`` is a ``gf.nn.Sequential`` or a list of callables taking and
+    returning one Tensor. Every segment but the last is checkpointed, which
+    keeps only the segment's input for backward. The last segment runs
+    normally, because backward starts there and would recompute it at once.
+    With ``segments == 1`` nothing is checkpointed. Segments differ in length
+    by at most one layer, the longer ones first.
+
+    >>> y = gf.checkpoint_sequential(model, 8, x)   # 64 layers, 8 per segment
+    """
+    layers = _as_layers(functions)
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(
+            f"checkpoint_sequential: segments must be a positive int, got "
+            f"{segments!r}."
+        )
+    if segments > len(layers):
+        raise ValueError(
+            f"checkpoint_sequential: {segments} segments were requested for "
+            f"{len(layers)} layers; pass at most {len(layers)}."
+        )
+    bounds = segment_bounds(len(layers), segments)
+    out = input
+    for index, (start, stop) in enumerate(bounds):
+        run = _chain(layers[start:stop])
+        if index == len(bounds) - 1:
+            out = run(out)
+        else:
+            out = checkpoint(run, out, preserve_rng_state=preserve_rng_state,
+                             policy=policy)
+    return out
+
+
+def segment_bounds(count, segments):
+    """Return ``segments`` (start, stop) pairs covering ``range(count)``."""
+    base, extra = divmod(count, segments)
+    bounds = []
+    start = 0
+    for index in range(segments):
+        stop = start + base + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _as_layers(functions):
+    if hasattr(functions, "children") and callable(functions.children):
+        layers = list(functions.children())
+    else:
+        layers = list(functions)
+    for i, layer in enumerate(layers):
+        if not callable(layer):
+            raise TypeError(
+                f"checkpoint_sequential: item {i} is a {type(layer).__name__}, "
+                "not a callable layer."
+            )
+    if not layers:
+        raise ValueError("checkpoint_sequential: functions contains no layer.")
+    return layers
+
+
+def _chain(layers):
+    def run(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return run

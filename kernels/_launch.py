@@ -1,0 +1,80 @@
+"""Launch arithmetic and stream choice shared by the CUDA kernels.
+
+Importing this module imports ``numba.cuda``. Under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so the
+launches are kept tiny there; the kernels are the same.
+"""
+
+import functools
+
+import numba
+from numba import cuda
+
+__all__ = ["SIMULATOR", "THREADS_PER_BLOCK", "block_count", "current_stream"]
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+# 256 threads: a multiple of the 32-thread warp, and 8 warps per block, so
+# an SM (2048 resident threads on sm_80 and sm_90) holds 8 blocks and can
+# switch between warps to hide memory latency. Reduction kernels size their
+# shared memory from this constant, so it must stay a power of two.
+THREADS_PER_BLOCK = 8 if SIMULATOR else 256
+
+# Grid-stride loops let any grid cover any size, so the grid stops at 4 full
+# waves of resident blocks: enough to keep every SM busy through the tail,
+# without scheduling blocks that would each touch a handful of elements.
+_WAVES = 4
+_BLOCKS_PER_SM = 2048 // 256
+_SIMULATOR_MAX_BLOCKS = 2
+
+
+def block_count(work_items, items_per_block=THREADS_PER_BLOCK):
+    """Return the grid size for ``work_items`` handled ``items_per_block`` at a time."""
+    wanted = max(1, -(-work_items // items_per_block))
+    return min(wanted, _max_blocks())
+
+
+def _max_blocks():
+    if SIMULATOR:
+        return _SIMULATOR_MAX_BLOCKS
+    return _multiprocessor_count(cuda.get_current_device().id) * _BLOCKS_PER_SM * _WAVES
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_id):
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+_streams = {}
+
+
+def current_stream():
+    """Return CuPy's current stream as a Numba stream (0 under the simulator).
+
+    Launching on it orders each kernel after the CuPy work that produced its
+    inputs, without a host synchronization.
+    """
+    if SIMULATOR:
+        return 0
+    import cupy
+
+    pointer = cupy.cuda.get_current_stream().ptr
+    stream = _streams.get(pointer)
+    if stream is None:
+        stream = _streams[pointer] = cuda.external_stream(pointer)
+    return stream
+
+
+def as_device_array(array):
+    """Return a CuPy array as a Numba device array, without a stream sync.
+
+    ``numba.cuda.as_cuda_array`` synchronizes the stream that CuPy exports in
+    ``__cuda_array_interface__``, which would block the host. The kernels run
+    on that same stream, so the order is already right. Under the simulator
+    the NumPy array is returned unchanged.
+    """
+    if SIMULATOR:
+        return array
+    return cuda.from_cuda_array_interface(
+        array.__cuda_array_interface__, owner=array, sync=False
+    )

@@ -1,0 +1,300 @@
+"""gf.checkpoint, checkpoint_sequential and the selective Policy."""
+
+import numpy as np
+import pytest
+from conftest import to_host
+
+import gradflow as gf
+from gradflow.nn.functional import dropout
+
+
+def _mlp(depth, width, device, dtype=gf.float32, p=0.0):
+    layers = []
+    for _ in range(depth):
+        layers += [gf.nn.Linear(width, width, device=device, dtype=dtype),
+                   gf.nn.GELU()]
+        if p:
+            layers.append(gf.nn.Dropout(p))
+    return gf.nn.Sequential(*layers)
+
+
+def _grads(model, x, run):
+    model.zero_grad()
+    if x.requires_grad:
+        x.grad = None
+    run(model, x).square().sum().backward()
+    grads = [to_host(p.grad).copy() for p in model.parameters()]
+    if x.requires_grad:
+        grads.append(to_host(x.grad).copy())
+    return grads
+
+
+def _assert_same(expected, actual, device):
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        if device.type == "cpu":
+            assert np.array_equal(e, a)
+        else:
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def _plain(model, x):
+    return model(x)
+
+
+def _whole(model, x):
+    return gf.checkpoint(model, x)
+
+
+def _sequential(model, x):
+    return gf.checkpoint_sequential(model, 3, x)
+
+
+def _selective(model, x):
+    return gf.checkpoint(model, x, policy=gf.checkpoint.Policy())
+
+
+def _selective_sequential(model, x):
+    return gf.checkpoint_sequential(model, 3, x, policy=gf.checkpoint.Policy())
+
+
+MODES = [_whole, _sequential, _selective, _selective_sequential]
+
+
+@pytest.mark.parametrize("dtype", [gf.float32, gf.float64])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__.strip("_"))
+def test_gradients_bitwise(device, dtype, mode):
+    model = _mlp(4, 16, device, dtype)
+    x = gf.randn(8, 16, dtype=dtype, device=device, requires_grad=True)
+    _assert_same(_grads(model, x, _plain), _grads(model, x, mode), device)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.__name__.strip("_"))
+def test_dropout_replayed(device, mode):
+    model = _mlp(3, 16, device, p=0.5)
+    x = gf.randn(8, 16, device=device, requires_grad=True)
+    state = gf.get_rng_state(device)
+    expected = _grads(model, x, _plain)
+    gf.set_rng_state(state, device)
+    actual = _grads(model, x, mode)
+    _assert_same(expected, actual, device)
+
+
+def test_rng_state_unchanged_by_backward():
+    model = _mlp(2, 8, "cpu", p=0.5)
+    y = gf.checkpoint(model, gf.randn(4, 8))
+    before = gf.rand(3).numpy()
+    gf.manual_seed(7)
+    gf.rand(3)
+    after_draw = gf.get_rng_state()
+    y.sum().backward()
+    assert gf.get_rng_state() == after_draw
+    assert before.shape == (3,)
+
+
+def test_params_without_input_grad():
+    model = _mlp(2, 8, "cpu")
+    x = gf.randn(4, 8)
+    y = gf.checkpoint(model, x)
+    assert y.requires_grad
+    expected = _grads(model, x, _plain)
+    _assert_same(expected, _grads(model, x, _whole), gf.device("cpu"))
+
+
+def test_captured_tensor_with_graph():
+    a = gf.randn(5, requires_grad=True)
+    h = a * 3.0
+    x = gf.randn(5, requires_grad=True)
+    y = gf.checkpoint(lambda t: (t * h).sin(), x)
+    y.sum().backward()
+    got = (a.grad.numpy().copy(), x.grad.numpy().copy())
+    a.grad = x.grad = None
+    ((x * (a * 3.0)).sin()).sum().backward()
+    assert np.array_equal(got[0], a.grad.numpy())
+    assert np.array_equal(got[1], x.grad.numpy())
+
+
+def test_outputs_kwargs_and_constants():
+    x = gf.randn(3, 4, requires_grad=True)
+    w = gf.randn(4, 4, requires_grad=True)
+
+    def fn(x, scale, *, weight, name):
+        h = (x @ weight) * scale
+        return h.tanh(), name, h.exp()
+
+    a, name, b = gf.checkpoint(fn, x, 2.0, weight=w, name="block")
+    assert name == "block"
+    (a.sum() + b.sum()).backward()
+    got = (x.grad.numpy().copy(), w.grad.numpy().copy())
+    x.grad = w.grad = None
+    a, _, b = fn(x, 2.0, weight=w, name="block")
+    (a.sum() + b.sum()).backward()
+    assert np.array_equal(got[0], x.grad.numpy())
+    assert np.array_equal(got[1], w.grad.numpy())
+
+
+def test_one_output_used():
+    x = gf.randn(6, requires_grad=True)
+    a, b = gf.checkpoint(lambda t: (t.sin(), t.cos()), x)
+    b.sum().backward()
+    assert np.array_equal(x.grad.numpy(), -np.sin(x.detach().numpy()))
+
+
+def test_nested_checkpoints():
+    model = _mlp(4, 8, "cpu")
+    inner = list(model.children())
+
+    def outer(x):
+        x = gf.checkpoint(gf.nn.Sequential(*inner[:4]), x)
+        return gf.checkpoint(gf.nn.Sequential(*inner[4:]), x)
+
+    x = gf.randn(4, 8, requires_grad=True)
+    expected = _grads(model, x, _plain)
+    actual = _grads(model, x, lambda m, t: gf.checkpoint(outer, t))
+    _assert_same(expected, actual, gf.device("cpu"))
+
+
+def test_grad_function():
+    x = gf.randn(5, requires_grad=True)
+    w = gf.randn(5, requires_grad=True)
+    (gx, gw) = gf.grad(gf.checkpoint(lambda t: (t * w).tanh(), x).sum(), [x, w])
+    (ex, ew) = gf.grad((x * w).tanh().sum(), [x, w])
+    assert np.array_equal(gx.numpy(), ex.numpy())
+    assert np.array_equal(gw.numpy(), ew.numpy())
+    assert x.grad is None
+
+
+def test_create_graph_second_order():
+    x = gf.randn(5, dtype=gf.float64, requires_grad=True)
+    a = gf.randn(5, dtype=gf.float64, requires_grad=True)
+    h = a * 2.0
+
+    def f(t):
+        return (t * t * h).sin()
+
+    (gx,) = gf.grad(gf.checkpoint(f, x).sum(), [x], create_graph=True)
+    (hx, ha) = gf.grad(gx.sum(), [x, a], retain_graph=True)
+    (ex,) = gf.grad(f(x).sum(), [x], create_graph=True)
+    (fx, fa) = gf.grad(ex.sum(), [x, a])
+    np.testing.assert_allclose(hx.numpy(), fx.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ha.numpy(), fa.numpy(), rtol=1e-12)
+
+
+def test_gradcheck_through_checkpoint():
+    w = gf.randn(3, 3, dtype=gf.float64, requires_grad=True)
+
+    def f(x, w):
+        return gf.checkpoint(lambda t: gf.gelu(t @ w), x)
+
+    x = gf.randn(2, 3, dtype=gf.float64, requires_grad=True)
+    assert gf.gradcheck(f, (x, w))
+
+
+def test_no_grad_runs_plainly():
+    calls = []
+    with gf.no_grad():
+        y = gf.checkpoint(lambda t: calls.append(1) or t * 2, gf.ones(2))
+    assert not y.requires_grad
+    assert calls == [1]
+
+
+def test_retain_graph_twice():
+    x = gf.randn(4, requires_grad=True)
+    y = gf.checkpoint(lambda t: t.exp().sum(), x)
+    y.backward(retain_graph=True)
+    y.backward()
+    assert np.array_equal(x.grad.numpy(), 2 * np.exp(x.detach().numpy()))
+
+
+class _RunningMean(gf.nn.Module):
+    """Scales its input and counts forwards, skipping recomputed ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = gf.nn.Parameter(gf.ones(4))
+        self.updates = 0
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if not gf.checkpoint.is_recomputing():
+            self.updates += 1
+        return x * self.weight
+
+
+def test_stateful_layer_updated_once():
+    layer = _RunningMean()
+    flags = []
+    y = gf.checkpoint(lambda t: flags.append(gf.checkpoint.is_recomputing())
+                      or layer(t), gf.randn(2, 4))
+    y.sum().backward()
+    assert layer.calls == 2
+    assert layer.updates == 1
+    assert flags == [False, True]
+    assert not gf.checkpoint.is_recomputing()
+
+
+def test_inplace_change_detected():
+    x = gf.randn(4, requires_grad=True)
+    h = x * 1.0
+    y = gf.checkpoint(lambda t: t.sin(), h)
+    with gf.no_grad():
+        h += 1
+    with pytest.raises(gf.InplaceModificationError):
+        y.sum().backward()
+
+
+def test_recompute_count_sequential():
+    model = _mlp(6, 4, "cpu")
+    before = gf.checkpoint.recompute_count()
+    gf.checkpoint_sequential(model, 4, gf.randn(2, 4)).sum().backward()
+    assert gf.checkpoint.recompute_count() - before == 3
+
+
+def test_segment_bounds_uniform():
+    assert gf.checkpoint.segment_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+def test_sequential_rejects_bad_segments():
+    with pytest.raises(ValueError, match="segments"):
+        gf.checkpoint_sequential(_mlp(1, 2, "cpu"), 5, gf.randn(1, 2))
+
+
+def test_selective_skips_matmul():
+    calls = []
+    from gradflow._ops._arith import MatMul
+
+    original = MatMul.forward
+
+    def counting(ctx, a, b):
+        calls.append(1)
+        return original(ctx, a, b)
+
+    model = _mlp(3, 8, "cpu")
+    x = gf.randn(4, 8)
+    MatMul.forward = staticmethod(counting)
+    try:
+        y = gf.checkpoint(model, x, policy=gf.checkpoint.Policy())
+        forward_calls = len(calls)
+        y.sum().backward()
+    finally:
+        MatMul.forward = staticmethod(original)
+    assert forward_calls == 3
+    assert len(calls) == 3
+
+
+def test_policy_rejects_non_function():
+    with pytest.raises(TypeError, match="Function subclasses"):
+        gf.checkpoint.Policy(keep=["matmul"])
+
+
+def test_structure_change_raises():
+    flag = []
+
+    def fn(t):
+        flag.append(1)
+        return (t, t * 2) if len(flag) == 1 else (t * 2,)
+
+    a, b = gf.checkpoint(fn, gf.randn(3, requires_grad=True))
+    with pytest.raises(gf.GraphError, match="same ops"):
+        b.sum().backward()
