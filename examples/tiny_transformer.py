@@ -2,11 +2,12 @@
 
 A decoder-only model: token and learned position embeddings, a stack of
 pre-norm ``gf.nn.TransformerEncoderLayer`` blocks run with a causal mask
-(each position attends only to itself and earlier ones), a final LayerNorm and a
-linear read-out. Each step trains on random windows of ``--block-size``
-characters of examples/data/tempest.txt (see examples/data/README.md).
+(each position attends only to itself and earlier ones), a final LayerNorm
+and a linear read-out. Each step trains on random windows of
+``--block-size`` characters of examples/data/tempest.txt (see
+examples/data/README.md).
 
-    python examples/tiny_transformer.py                 # a few minutes on a CPU
+    python examples/tiny_transformer.py                 # about two minutes on a CPU
     python examples/tiny_transformer.py --steps 100 --device cuda
 """
 
@@ -88,6 +89,12 @@ def sample(model, chars, prompt, length, temperature, device, seed):
     """Return ``prompt`` continued by ``length`` characters drawn from the model."""
     rng = np.random.default_rng(seed)
     lookup = {c: i for i, c in enumerate(chars)}
+    unknown = sorted(set(prompt) - set(lookup))
+    if unknown:
+        raise ValueError(
+            f"characters {unknown} do not occur in the training text; use a "
+            "prompt made of characters that do."
+        )
     ids = [lookup[c] for c in prompt]
     model.eval()
     with gf.no_grad():
@@ -106,7 +113,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=pathlib.Path, default=DEFAULT_TEXT,
                         help="plain-text file to train on")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="windows per step")
     parser.add_argument("--block-size", type=int, default=64,

@@ -34,6 +34,12 @@ class CharVocabulary:
         return len(self.chars)
 
     def encode(self, text):
+        unknown = sorted(set(text) - set(self.ids))
+        if unknown:
+            raise ValueError(
+                f"characters {unknown} do not occur in the training text; "
+                "use a prompt made of characters that do."
+            )
         return np.array([self.ids[c] for c in text], dtype=np.int64)
 
     def decode(self, ids):

@@ -25,7 +25,6 @@ OPENBLAS_NUM_THREADS=1 avoids it. The --device cuda path is untested.
 import argparse
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -36,9 +35,9 @@ from gradflow.optim import lr_scheduler
 
 logger = logging.getLogger("train_digits")
 
-DEFAULT_OUT = os.path.join(
-    tempfile.gettempdir(), "gradflow", "train_digits.safetensors"
-)
+# Relative to the working directory. A folder named "gradflow" in the temp
+# directory would shadow the package for scripts run from there.
+DEFAULT_OUT = os.path.join("runs", "train_digits.safetensors")
 
 
 def parse_args(argv=None):

@@ -100,7 +100,9 @@ def set_detect_anomaly(enabled, mode="eager"):
 def _switch_numpy_errors(enabled):
     global _saved_numpy_errors
     if enabled and _saved_numpy_errors is None:
-        _saved_numpy_errors = np.seterr(divide="ignore", over="ignore", invalid="ignore")
+        _saved_numpy_errors = np.seterr(
+            divide="ignore", over="ignore", invalid="ignore"
+        )
     elif not enabled and _saved_numpy_errors is not None:
         np.seterr(**_saved_numpy_errors)
         _saved_numpy_errors = None
@@ -116,11 +118,7 @@ def detect_anomaly(mode="eager"):
     value. The previous setting is restored on exit. Also usable as a
     decorator.
     """
-    global _flags
-    previous_mode, previous_flags = _mode, _flags
-    _flags = {}
-    set_detect_anomaly(True, mode)
-    try:
+    with _detection(mode):
         yield
         if mode == "flag" and _read_flags():
             raise AnomalyError(
@@ -128,9 +126,6 @@ def detect_anomaly(mode="eager"):
                 "NaN or Inf. Run the block under detect_anomaly() (eager mode) "
                 "or through gf.anomaly.check_step to name the op.",
             )
-    finally:
-        _flags = previous_flags
-        set_detect_anomaly(previous_mode is not None, previous_mode or "eager")
 
 
 def check_step(step_fn, *args, **kwargs):
@@ -158,10 +153,10 @@ def check_step(step_fn, *args, **kwargs):
         step_fn(*args, **kwargs)
     raise AnomalyError(
         "check_step: the step produced a NaN or Inf, but its rerun with "
-        "per-op checks produced none. The step does not repeat itself: it "
-        "changes its own inputs (e.g. an optimizer step inside step_fn) or "
-        "draws random numbers from outside gradflow. Move those out of "
-        "step_fn, or run it under detect_anomaly().",
+        "per-op checks produced none, so the step does not repeat itself. "
+        "It probably changes its own inputs (an optimizer step inside "
+        "step_fn) or draws random numbers from outside gradflow. Move those "
+        "out of step_fn, or run it under detect_anomaly().",
     )
 
 
@@ -321,14 +316,17 @@ def _xp(array):
 
 
 def _is_finite(value):
-    if isinstance(value, float):
-        return math.isfinite(value)
+    if not hasattr(value, "dtype"):
+        # A Python number that a forward returned or received.
+        return not isinstance(value, float) or math.isfinite(value)
     if value.dtype.kind not in "fc":
         return True
     return bool(_xp(value).isfinite(value).all())
 
 
 def _update_flag(array):
+    if not hasattr(array, "dtype"):
+        array = np.asarray(array)
     if array.dtype.kind not in "fc":
         return
     bad = ~_xp(array).isfinite(array).all()

@@ -48,7 +48,7 @@ class SavedArray:
     """One array a record keeps: its op, shape, dtype, device and bytes.
 
     ``bytes`` is the size of the buffer that owns the memory, and is 0 when
-    an earlier record already holds that buffer. ``leaf`` is True for memory
+    an earlier record already keeps that buffer. ``leaf`` is True for memory
     owned by a leaf tensor. ``where`` is "file:line in function" of the user
     code that created the record, when the ledger was asked for it.
     """

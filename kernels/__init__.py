@@ -1,6 +1,6 @@
 """Fused kernels that gradflow's ops call through one seam each.
 
-This package knows arrays only (NumPy and CuPy), never gradflow Tensors.
+This package handles arrays only (NumPy and CuPy), never gradflow Tensors.
 Numba is imported on the first call that needs a kernel, never at import.
 
 * ``fused_activation_backward`` returns the input gradient of an activation
@@ -20,8 +20,9 @@ __all__ = [
     "fused_activation_backward", "multi_tensor_plan",
 ]
 
-# What each activation saves for backward, and its parameters in the order
-# the kernels take them as ``a`` and ``b``.
+# The value each activation saves for backward (its input or its output),
+# and the names of its parameters in the order the kernels take them as
+# ``a`` and ``b``.
 ACTIVATIONS = {
     "relu": ("output", ()),
     "leaky_relu": ("input", ("negative_slope",)),
@@ -33,10 +34,11 @@ ACTIVATIONS = {
     "softplus": ("input", ("beta", "threshold")),
 }
 
-# Below this many elements the NumPy expression is faster than starting the
-# parallel loop. NOTE: measured with benchmarks/bench_kernels.py on a 2-core
-# AMD EPYC VM; other machines may want a different value.
-CPU_MIN_SIZE = 1 << 15
+# Below this many elements, starting the parallel loop costs more than the
+# NumPy expression. NOTE: an estimate from timings of 2**12 to 2**20 float32
+# elements on a shared 2-core AMD EPYC VM, where sigmoid and tanh were faster
+# fused from 2**14 on; another machine may want another value.
+CPU_MIN_SIZE = 1 << 14
 
 _CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _CUDA_DTYPES = _CPU_DTYPES + (np.dtype(np.float16),)
@@ -55,8 +57,8 @@ def fused_activation_backward(name, saved, grad_output, **params):
     if name not in ACTIVATIONS or type(saved) is not type(grad_output):
         return None
     same = saved.dtype == grad_output.dtype and saved.shape == grad_output.shape
-    # A strided input stays on the generic path, which NumPy and CuPy run
-    # on the strides directly; a copy for the kernel would cost a full pass.
+    # A strided input stays on the generic path, because NumPy and CuPy run
+    # it on the strides directly, and a copy for the kernel costs a full pass.
     contiguous = saved.flags.c_contiguous and grad_output.flags.c_contiguous
     on_cpu = isinstance(saved, np.ndarray)
     if on_cpu and same and contiguous and saved.dtype in _CPU_DTYPES \

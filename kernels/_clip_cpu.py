@@ -109,7 +109,7 @@ def reduce_chunks(addresses, tensor, start, stop, like, mode, p, partials):
 
 
 # "reassoc" lets LLVM split each sum into vector lanes, which a strict
-# left-to-right float64 sum would forbid; it assumes nothing about NaN or Inf.
+# left-to-right float64 sum would forbid. It assumes nothing about NaN or Inf.
 @numba.njit(cache=True, fastmath={"reassoc"})
 def _reduce_one(pointer, start, stop, mode, p):
     acc = 0.0

@@ -5,7 +5,7 @@ chunks that cover them), copied to the device in one transfer. One launch
 per dtype reduces every chunk into per-block float64 partials, one launch
 turns all partials into the norm and the clip coefficient, and one launch
 per dtype scales every gradient by that coefficient, read on the device.
-The host never waits for the device.
+No step reads a device value on the host, so nothing here synchronizes.
 
 Under the CUDA simulator the arrays are NumPy arrays and an address is
 looked up in a registry of the plan's arrays, because the simulator runs
@@ -31,7 +31,21 @@ if SIMULATOR:
     def as_pointer(address, like):
         return _registered_arrays[int(address)]
 else:
-    from ._clip_cpu import as_pointer
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    # The CUDA twin of _clip_cpu.as_pointer: CUDA kernels resolve intrinsics
+    # registered through numba.cuda.extending.
+    @intrinsic
+    def as_pointer(typingctx, address, like):
+        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+            return None
+        signature = types.CPointer(like.dtype)(address, like)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
 
 
 # The kernels below repeat their reduction steps instead of calling device

@@ -10,7 +10,10 @@ import functools
 import numba
 from numba import cuda
 
-__all__ = ["SIMULATOR", "THREADS_PER_BLOCK", "block_count", "current_stream"]
+__all__ = [
+    "SIMULATOR", "THREADS_PER_BLOCK", "as_device_array", "block_count",
+    "current_stream",
+]
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -24,25 +27,31 @@ THREADS_PER_BLOCK = 8 if SIMULATOR else 256
 # waves of resident blocks: enough to keep every SM busy through the tail,
 # without scheduling blocks that would each touch a handful of elements.
 _WAVES = 4
-_BLOCKS_PER_SM = 2048 // 256
+_BLOCKS_PER_SM = 2048 // THREADS_PER_BLOCK
 _SIMULATOR_MAX_BLOCKS = 2
 
 
 def block_count(work_items, items_per_block=THREADS_PER_BLOCK):
     """Return the grid size for ``work_items`` handled ``items_per_block`` at a time."""
-    wanted = max(1, -(-work_items // items_per_block))
-    return min(wanted, _max_blocks())
+    needed = max(1, -(-work_items // items_per_block))
+    return min(needed, _max_blocks())
 
 
 def _max_blocks():
     if SIMULATOR:
         return _SIMULATOR_MAX_BLOCKS
-    return _multiprocessor_count(cuda.get_current_device().id) * _BLOCKS_PER_SM * _WAVES
+    import cupy
+
+    # CuPy's current device is the one the arrays and the stream belong to.
+    return _max_blocks_on(cupy.cuda.runtime.getDevice())
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_id):
-    return cuda.get_current_device().MULTIPROCESSOR_COUNT
+def _max_blocks_on(device_id):
+    import cupy
+
+    attributes = cupy.cuda.Device(device_id).attributes
+    return attributes["MultiProcessorCount"] * _BLOCKS_PER_SM * _WAVES
 
 
 _streams = {}

@@ -117,7 +117,8 @@ def test_nonfinite_raises_before_change(bad, foreach, device):
     params = _parameters([(3,), (4,), (2,)], device=device)
     params[1].grad.data[2] = bad
     before = _grads(params)
-    named = [("encoder.weight", params[0]), ("encoder.bias", params[1]), ("head", params[2])]
+    names = ["encoder.weight", "encoder.bias", "head"]
+    named = list(zip(names, params))
     with pytest.raises(RuntimeError, match=r"parameter 1 \('encoder.bias'\)"):
         clip_grad_norm_(named, 1.0, error_if_nonfinite=True, foreach=foreach)
     for old, new in zip(before, _grads(params)):
@@ -188,7 +189,8 @@ def test_thousands_of_small_tensors():
     expected = _reference_norm(before, 2.0)
     norm = clip_grad_norm_(params, 2.0)
     np.testing.assert_allclose(norm.item(), expected, rtol=1e-6)
-    np.testing.assert_allclose(_grads(params)[-1], before[-1] * 2.0 / expected, rtol=1e-5)
+    last = _grads(params)[-1]
+    np.testing.assert_allclose(last, before[-1] * 2.0 / expected, rtol=1e-5)
 
 
 def test_large_float32_norm_is_accurate():
@@ -243,7 +245,9 @@ def test_matches_torch(norm_type):
     torch_norm = torch.nn.utils.clip_grad_norm_(torch_params, 0.7, norm_type=norm_type)
     np.testing.assert_allclose(norm.item(), torch_norm.item(), rtol=1e-6)
     for p, t in zip(params, torch_params):
-        np.testing.assert_allclose(to_host(p.grad), t.grad.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            to_host(p.grad), t.grad.numpy(), rtol=1e-6, atol=1e-7
+        )
 
 
 # -- which path ran -------------------------------------------------------------

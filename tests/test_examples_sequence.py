@@ -50,6 +50,14 @@ def test_char_lstm_windows_continue_streams():
     assert np.array_equal(second_inputs[:, 0], first_inputs[:, -1] + 1)
 
 
+def test_char_vocabulary_rejects_unknown_character():
+    example = _load_example("train_char_lstm")
+    vocab = example.CharVocabulary("abc")
+    assert vocab.decode(vocab.encode("cab")) == "cab"
+    with pytest.raises(ValueError, match=r"\['z'\]"):
+        vocab.encode("az")
+
+
 def test_tiny_transformer_example_trains(capsys):
     example = _load_example("tiny_transformer")
     argv = ["--steps", "15", "--batch-size", "4", "--block-size", "16",

@@ -1,8 +1,8 @@
 """Fused activation backward kernels against the generic path and a float64 reference.
 
-The CPU kernels run as they are; the CUDA kernels run on a GPU when one is
+The CPU kernels run as they are. The CUDA kernels run on a GPU when one is
 usable and under Numba's CUDA simulator otherwise (see conftest.py), on
-small arrays because the simulator runs every CUDA thread in Python.
+small arrays, because the simulator runs every CUDA thread in Python.
 """
 
 import math
@@ -115,7 +115,8 @@ def _assert_close(actual, expected, dtype):
 @pytest.mark.parametrize("name", _NAMES)
 def test_cpu_kernel_matches_reference(name, dtype):
     saved, grad, expected = _case(name, (3, 50, 7), dtype)
-    out = gradflow_kernels.activation_backward(name, saved, grad, **_PARAMS.get(name, {}))
+    params = _PARAMS.get(name, {})
+    out = gradflow_kernels.activation_backward(name, saved, grad, **params)
     assert out.dtype == dtype
     assert out.shape == saved.shape
     _assert_close(out, expected, dtype)
@@ -129,6 +130,21 @@ def test_cpu_kernel_matches_generic(name, dtype):
     out = gradflow_kernels.activation_backward(name, saved, grad, **params)
     generic = _GENERIC[name](array_namespace(np), saved, grad, **params)
     _assert_close(out, generic.astype(np.float64), dtype)
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "silu", "softplus"])
+def test_float32_loop_wide_range(name):
+    # These float32 loops evaluate exp and erf with their own polynomials.
+    values = np.concatenate([np.linspace(-20, 20, 4001), [-1000, 1000, -13.5, 0]])
+    saved = values.astype(np.float32)
+    grad = np.ones_like(saved)
+    params = _PARAMS.get(name, {})
+    out = gradflow_kernels.activation_backward(name, saved, grad, **params)
+    x = saved.astype(np.float64)
+    expected = _GENERIC[name](array_namespace(np), x, np.ones_like(x), **params)
+    assert np.isfinite(out).all()
+    error = np.abs(out - expected) / (np.abs(expected) + 1)
+    assert error.max() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -149,7 +165,8 @@ def test_cuda_kernel_matches_reference(name, dtype):
 def test_kernel_zero_size_and_scalar(name):
     params = _PARAMS.get(name, {})
     empty = np.zeros((0, 3), dtype=np.float32)
-    assert gradflow_kernels.activation_backward(name, empty, empty, **params).shape == (0, 3)
+    out = gradflow_kernels.activation_backward(name, empty, empty, **params)
+    assert out.shape == (0, 3)
     scalar = np.array(0.5)
     out = gradflow_kernels.activation_backward(name, scalar, np.array(2.0), **params)
     assert out.shape == ()

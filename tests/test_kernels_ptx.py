@@ -34,9 +34,10 @@ _SCRIPT = textwrap.dedent(
     compiled = {}
     for dtype in (types.float16, types.float32, types.float64):
         arr = dtype[::1]
-        kernels = [(name, k, (arr, arr, arr, f64, f64)) for name, k in _cuda.KERNELS.items()]
-        kernels.append(("reduce", _clip_cuda._reduce_kernel,
-                        (i64, i64, i64, i64, arr, types.int64, f64, f64[::1], types.int64)))
+        activation = (arr, arr, arr, f64, f64)
+        kernels = [(name, k, activation) for name, k in _cuda.KERNELS.items()]
+        reduce = (i64, i64, i64, i64, arr, types.int64, f64, f64[::1], types.int64)
+        kernels.append(("reduce", _clip_cuda._reduce_kernel, reduce))
         kernels.append(("scale", _clip_cuda._scale_kernel,
                         (i64, i64, i64, i64, arr, f64[::1])))
         for name, kernel, signature in kernels:

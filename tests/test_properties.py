@@ -64,7 +64,7 @@ class Recipe:
 
 
 def _broadcast_variant(draw, base):
-    """Draw a shape that broadcasts with ``base``: some axes set to 1, leading ones dropped."""
+    """Draw a shape that broadcasts with ``base``: some axes 1, leading ones dropped."""
     start = draw(st.integers(0, len(base)))
     return tuple(1 if draw(st.booleans()) and n else n for n in base[start:])
 
@@ -133,7 +133,8 @@ def _index_step(draw, shape, i):
         return ("index", form, (i,), {"axis": axis, "start": start}), out
     if form == "int":
         k = draw(st.integers(-size, size - 1))
-        return ("index", form, (i,), {"axis": axis, "k": k}), shape[:axis] + shape[axis + 1:]
+        out = shape[:axis] + shape[axis + 1:]
+        return ("index", form, (i,), {"axis": axis, "k": k}), out
     # Repeated positions are allowed: their gradients must accumulate.
     picks = tuple(draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=4)))
     out = shape[:axis] + (len(picks),) + shape[axis + 1:]
@@ -371,14 +372,18 @@ def build_torch(torch, recipe, leaves, weights):
 
 def gf_gradients(recipe, dtype, device):
     arrays, weights = _leaf_arrays(recipe)
-    leaves = [gf.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in arrays]
+    leaves = [
+        gf.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in arrays
+    ]
     loss, values = build_gf(recipe, leaves, weights)
     loss.backward()
     return to_host(loss), [to_host(leaf.grad) for leaf in leaves], values
 
 
 def _tolerances(dtype):
-    return {"rtol": 1e-6, "atol": 1e-9} if dtype == gf.float64 else {"rtol": 2e-3, "atol": 2e-4}
+    if dtype == gf.float64:
+        return {"rtol": 1e-6, "atol": 1e-9}
+    return {"rtol": 2e-3, "atol": 2e-4}
 
 
 def _assert_close(actual, expected, dtype, label):
@@ -399,7 +404,8 @@ def _assert_close(actual, expected, dtype, label):
 def test_gradients_match_finite_differences(recipe, device):
     arrays, weights = _leaf_arrays(recipe)
     leaves = [
-        gf.tensor(a, dtype=gf.float64, device=device, requires_grad=True) for a in arrays
+        gf.tensor(a, dtype=gf.float64, device=device, requires_grad=True)
+        for a in arrays
     ]
     gf.gradcheck(lambda *xs: build_gf(recipe, list(xs), weights)[0], leaves)
 
@@ -415,7 +421,8 @@ def test_gradients_match_torch(recipe, dtype, device):
     torch_loss, torch_values = build_torch(torch, recipe, leaves, weights)
     torch_loss.backward()
     for k, (value, expected) in enumerate(zip(values, torch_values)):
-        assert tuple(value.shape) == tuple(expected.shape), f"value {k}: {recipe.steps[k]}"
+        step = recipe.steps[k]
+        assert tuple(value.shape) == tuple(expected.shape), f"value {k}: {step}"
     _assert_close(loss, torch_loss.detach().numpy(), dtype, "loss")
     for k, (grad, leaf) in enumerate(zip(grads, leaves)):
         assert grad.dtype == dtype, f"leaf {k}"

@@ -31,7 +31,7 @@ SPLIT = 10  # the interrupted run stops after this many steps
 
 
 def make_digits():
-    """Return (images, labels): noisy copies of ten random 8x8 templates, divided by 16."""
+    """Return (images, labels): noisy copies of ten random 8x8 templates, over 16."""
     rng = np.random.default_rng(1234)
     templates = rng.uniform(0, 16, (10, 64))
     labels = rng.integers(0, 10, SAMPLES)
@@ -89,7 +89,8 @@ class Run:
         self.step = checkpoint["step"]
 
     def parameters(self):
-        return {k: v.detach().numpy().copy() for k, v in self.model.state_dict().items()}
+        state = self.model.state_dict()
+        return {k: v.detach().numpy().copy() for k, v in state.items()}
 
 
 def _uninterrupted():
@@ -197,7 +198,8 @@ def test_pickle_rejected_without_running(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "ckpt.pt"
     path.write_bytes(pickle.dumps({"model": _CreatesMarker(str(marker))}))
-    with pytest.raises(ValueError, match=r"is not a gradflow/safetensors file.*never\s+unpickles"):
+    pattern = r"is not a gradflow/safetensors file.*never\s+unpickles"
+    with pytest.raises(ValueError, match=pattern):
         gf.load(path)
     assert not marker.exists()
 
@@ -251,7 +253,8 @@ def test_truncated_file_rejected(saved_run, keep):
     }[keep]
     path.write_bytes(data[:cut])
     before = run.parameters()
-    with pytest.raises(ValueError, match=r"^gf\.load: .* (is truncated|is not a gradflow)"):
+    pattern = r"^gf\.load: .* (is truncated|is not a gradflow)"
+    with pytest.raises(ValueError, match=pattern):
         run.restore(gf.load(path))
     _assert_same_parameters(run.parameters(), before)
 
@@ -262,7 +265,8 @@ def test_flipped_data_byte_rejected(saved_run):
     data[len(data) - 5] ^= 0xFF
     path.write_bytes(bytes(data))
     before = run.parameters()
-    with pytest.raises(ValueError, match=r"is corrupted: its tensor data does not match"):
+    pattern = r"is corrupted: its tensor data does not match"
+    with pytest.raises(ValueError, match=pattern):
         run.restore(gf.load(path))
     _assert_same_parameters(run.parameters(), before)
 
@@ -294,7 +298,7 @@ def test_misshaped_checkpoint_changes_nothing(saved_run, tmp_path):
 
 
 def _save_slowly_main(path, ready):
-    """Start saving a large state to ``path``, but stop halfway and wait to be killed."""
+    """Start saving a large state to ``path``, stop halfway and wait to be killed."""
     import safetensors.numpy
 
     def half_written(arrays, filename, metadata=None):

@@ -2,9 +2,10 @@
 
 Each backward has one generic formula written against ``ctx.xp``; it is the
 reference, the fallback, and what a recorded backward (``create_graph=True``)
-runs. A plain backward on arrays first asks ``gradflow_kernels`` for a fused
-one-pass kernel, in ``activation_grad`` (in ``_unary``, which sigmoid and
-tanh share, and which this module imports from).
+runs. A plain backward on arrays first tries a fused one-pass kernel from
+``gradflow_kernels``, in ``activation_grad``. That helper lives in
+``_unary``, because sigmoid and tanh use it too and this module imports
+from ``_unary``.
 """
 
 import math

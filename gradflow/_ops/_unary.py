@@ -6,6 +6,7 @@ import gradflow_kernels
 import numpy as np
 
 from .._device import cupy_module
+from .._tensor import Tensor, tensor
 from .. import _special
 from ..autograd import Function
 from ..autograd._namespace import TensorNamespace
@@ -21,9 +22,9 @@ __all__ = [
 def activation_grad(ctx, name, saved, grad, generic, **params):
     """Return the input gradient from a fused kernel if one applies, else ``generic``.
 
-    This is the one place where an activation's backward picks its path: a
-    plain backward on arrays asks ``gradflow_kernels`` first, and a recorded
-    backward (``create_graph=True``, Tensors) always runs ``generic``.
+    This is the one place where an activation's backward picks its path. A
+    plain backward on arrays tries ``gradflow_kernels`` first, and a recorded
+    backward (``create_graph=True``, on Tensors) always runs ``generic``.
     """
     if not isinstance(ctx.xp, TensorNamespace):
         fused = gradflow_kernels.fused_activation_backward(name, saved, grad, **params)
@@ -265,8 +266,6 @@ def _float_unary(function, name):
 
 
 def _tensor_arg(x, name):
-    from .._tensor import Tensor, tensor
-
     if isinstance(x, Tensor):
         return x
     return tensor(x)

@@ -47,8 +47,13 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
     with _grad_mode.set_grad_enabled(create_graph):
         while ready:
             node = ready.pop()
-            grads = _collect_output_grads(node, buffers.pop(node), create_graph)
-            _run_output_hooks(node, grads, captures, results)
+            slots = buffers.pop(node)
+            if len(slots) == 1 and slots[0] is not None:
+                grads = slots
+            else:
+                grads = _collect_output_grads(node, slots, create_graph)
+            if node._hooks or node._retained or captures:
+                _run_output_hooks(node, grads, captures, results)
             grad_inputs = _call_backward(node, grads, create_graph)
             if anomaly_hook is not None:
                 anomaly_hook(node, grads, grad_inputs)
@@ -57,7 +62,8 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
             for edge, meta, grad in zip(node.edges, node.input_meta, grad_inputs):
                 if edge is None or grad is None:
                     continue
-                grad = _fit_to_input(node, grad, meta)
+                if grad.shape != meta[0] or grad.dtype != meta[1]:
+                    grad = _fit_to_input(node, grad, meta)
                 if type(edge) is tuple:
                     parent = edge[0]
                     _add_to_buffer(buffers, parent, edge[1], grad)
@@ -150,12 +156,14 @@ def _call_backward(node, grads, create_graph):
         with _grad_mode.no_grad():
             node.xp = _namespace_for(node, False)
             out = backward(node, *grads)
-    else:
-        if create_graph:
-            grads = [g if isinstance(g, Tensor) else make_tensor(g) for g in grads]
-        node.xp = _namespace_for(node, create_graph)
+    elif create_graph:
+        grads = [g if isinstance(g, Tensor) else make_tensor(g) for g in grads]
+        node.xp = _namespace_for(node, True)
         out = backward(node, *grads)
-    if not isinstance(out, tuple):
+    else:
+        node.xp = _namespace_for(node, False)
+        out = backward(node, *grads)
+    if type(out) is not tuple:
         out = (out,)
     if len(out) != len(node.edges):
         raise GraphError(

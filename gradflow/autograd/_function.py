@@ -19,6 +19,8 @@ Backward normally sees arrays. When the backward pass itself is recorded
 ``create_graph``) and Python operators serves both cases.
 """
 
+from numpy import ndarray
+
 from .._device import array_module
 from ..errors import GraphFreedError, InplaceModificationError
 from . import _grad_mode
@@ -94,14 +96,15 @@ class Context:
                 "retain_graph=True to the first backward (or gf.grad) if you "
                 "need to run backward through this graph again."
             )
-        if self._saved_kinds is None:
+        kinds = self._saved_kinds
+        if kinds is None:
             return self.saved
-        self._check_versions()
+        if self._saved_versions:
+            self._check_versions()
         if _grad_mode.is_grad_enabled():
             return tuple(self._unpack_tensor(i) for i in range(len(self.saved)))
         return tuple(
-            s.data if kind == "input" else s
-            for s, kind in zip(self.saved, self._saved_kinds)
+            s.data if kind == "input" else s for s, kind in zip(self.saved, kinds)
         )
 
     def _unpack_tensor(self, i):
@@ -173,46 +176,61 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         """Run ``forward`` on the arrays of ``args`` and record it when needed."""
+        # One pass over the arguments collects what both the unrecorded and
+        # the recorded path need; this loop is the per-op overhead of gradflow.
         arrays = []
-        tensors = []
+        needs = []
         requires_grad = False
+        tensor_count = 0
+        off_cpu = False
         for arg in args:
             if isinstance(arg, Tensor):
-                arrays.append(arg.data)
-                tensors.append(arg)
-                requires_grad = requires_grad or arg._requires_grad
+                data = arg.data
+                arrays.append(data)
+                tensor_count += 1
+                off_cpu = off_cpu or type(data) is not ndarray
+                if arg._requires_grad:
+                    requires_grad = True
+                    needs.append(True)
+                else:
+                    needs.append(False)
             else:
                 arrays.append(arg)
-        if len(tensors) > 1:
-            check_devices(cls, tensors)
+                needs.append(False)
+        if off_cpu and tensor_count > 1:
+            check_devices(cls, [arg for arg in args if isinstance(arg, Tensor)])
+        record = requires_grad and _grad_mode.is_grad_enabled()
         ctx = Context()
         ctx.function = cls
-        # Known before forward runs, so forward can skip saving what no
-        # gradient will need; _record sets the same value again.
-        enabled = _grad_mode.is_grad_enabled()
-        ctx.needs_input_grad = tuple(
-            enabled and isinstance(arg, Tensor) and arg._requires_grad for arg in args
-        )
+        # Set before forward runs, so forward can skip saving what no
+        # gradient will need.
+        ctx.needs_input_grad = tuple(needs) if record else (False,) * len(args)
         if forward_hooks:
             out = forward_hooks[-1](cls, ctx, arrays, kwargs)
         else:
             out = cls.forward(ctx, *arrays, **kwargs)
         if anomaly_hook is not None:
             anomaly_hook(ctx, args, out)
-        record = requires_grad and _grad_mode.is_grad_enabled()
-        if unrecorded_hooks and requires_grad and not record:
-            for hook in unrecorded_hooks:
-                hook(tensors)
-        if isinstance(out, tuple):
-            if not record:
+        outputs = out if type(out) is tuple else (out,)
+        for o in outputs:
+            if not hasattr(o, "shape"):
+                raise TypeError(
+                    f"forward of '{cls.__name__}' returned a "
+                    f"{type(o).__name__}; it must return an array (NumPy or "
+                    "CuPy) or a tuple of arrays."
+                )
+        if not record:
+            if unrecorded_hooks and requires_grad:
+                for hook in unrecorded_hooks:
+                    hook([arg for arg in args if isinstance(arg, Tensor)])
+            if type(out) is tuple:
                 return tuple(make_tensor(o) for o in out)
-            outputs = out
+            return make_tensor(out)
+        _record(ctx, args, arrays, outputs, needs)
+        if type(out) is tuple:
+            results = tuple(make_tensor(o, ctx, i) for i, o in enumerate(outputs))
         else:
-            if not record:
-                return make_tensor(out)
-            outputs = (out,)
-        _record(ctx, args, arrays, outputs)
-        results = tuple(make_tensor(o, ctx, i) for i, o in enumerate(outputs))
+            results = (make_tensor(out, ctx, 0),)
         non_diff = ctx.__dict__.get("_non_diff")
         if non_diff:
             for t in results:
@@ -223,28 +241,26 @@ class Function:
             _note_output_versions(ctx, results)
         for hook in record_hooks:
             hook(ctx)
-        return results if isinstance(out, tuple) else results[0]
+        return results if type(out) is tuple else results[0]
 
 
-def _record(ctx, args, arrays, outputs):
+def _record(ctx, args, arrays, outputs, needs):
     """Fill ``ctx`` with the edges and metadata that backward needs."""
     edges = []
     meta = []
-    needs = []
-    for arg in args:
-        if isinstance(arg, Tensor) and arg._requires_grad:
+    first = None
+    for arg, need in zip(args, needs):
+        if need:
             edges.append(arg if arg.grad_fn is None else (arg.grad_fn, arg._out_index))
             meta.append((arg.data.shape, arg.data.dtype))
-            needs.append(True)
+            if first is None:
+                first = arg.data
         else:
             edges.append(None)
             meta.append(None)
-            needs.append(False)
     ctx.edges = edges
-    first = next(arg for arg in args if isinstance(arg, Tensor))
-    ctx.array_module = array_module(first.data)
     ctx.input_meta = meta
-    ctx.needs_input_grad = tuple(needs)
+    ctx.array_module = array_module(first)
     ctx.out_meta = [(o.shape, o.dtype) for o in outputs]
     if ctx.saved:
         _resolve_saved(ctx, args, arrays, outputs)

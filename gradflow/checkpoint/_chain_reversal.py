@@ -4,7 +4,7 @@ The forward runs the schedule's first sweep unrecorded, storing snapshots,
 and records only the last step. The backward runs the rest of the schedule:
 it advances from snapshots, and for each step in reverse order records the
 step, backpropagates one step and frees its graph. The layers may read
-parameters (leaf tensors); they are found while the forward runs.
+parameters (leaf tensors), which are found while the forward runs.
 """
 
 from .. import memory
@@ -16,7 +16,7 @@ __all__ = ["run_binomial"]
 
 
 def run_binomial(layers, x, snapshots, counter=None):
-    """Return ``layers`` applied to ``x``, reversed in backward by the binomial schedule."""
+    """Apply ``layers`` to ``x``, reversed in backward by the binomial schedule."""
     actions = binomial_schedule(len(layers), snapshots)
     first_reverse = next(i for i, a in enumerate(actions) if a[0] == "reverse")
     runner = _Runner(layers, actions, first_reverse, counter)
@@ -48,7 +48,7 @@ class _Runner:
 
     def forward_sweep(self, x):
         # State 0 is the chain's input, which the record saves as its
-        # argument; the snapshots dict holds the others.
+        # argument. The snapshots dict keeps the others.
         self.input = x
         touched = []
 
@@ -77,7 +77,7 @@ class _Runner:
         return make_tensor(array)
 
     def record_step(self, index, state, touched):
-        # A leaf input keeps counting as leaf memory; any other state is an
+        # A leaf input keeps counting as leaf memory. Any other state is an
         # activation although the step reads it through a fresh leaf.
         if state.data is not self.input.data or self.input.grad_fn is not None:
             memory.mark_activation(state.data)
@@ -85,7 +85,7 @@ class _Runner:
 
 
 def _record_step(layer, state, touched):
-    """Run one step recorded on a fresh leaf; return (leaf, output)."""
+    """Run one step recorded on a fresh leaf and return (leaf, output)."""
     leaf = make_tensor(state.data)
     leaf._requires_grad = True
     records = []
@@ -100,8 +100,8 @@ def _record_step(layer, state, touched):
             if type(edge) is tuple and edge[0] not in records:
                 raise NotImplementedError(
                     "checkpoint plan (binomial schedule): a layer reads a "
-                    "tensor with a graph of its own from outside the chain; "
-                    "only parameters (leaf tensors) are supported there."
+                    "tensor with a graph of its own from outside the chain, "
+                    "but only parameters (leaf tensors) are supported there."
                 )
             if edge is not None and type(edge) is not tuple and edge is not leaf:
                 touched.append(edge)
@@ -134,7 +134,7 @@ class _Binomial(Function):
         if isinstance(grad_output, Tensor):
             raise NotImplementedError(
                 "checkpoint plan (binomial schedule): create_graph=True is not "
-                "supported; use gf.checkpoint or checkpoint_sequential for "
+                "supported. Use gf.checkpoint or checkpoint_sequential for "
                 "higher-order gradients."
             )
         runner = ctx.runner

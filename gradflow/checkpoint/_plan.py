@@ -12,8 +12,8 @@ bytes fits the budget:
 * below what any two-level schedule reaches (about 2 sqrt(n) layers' worth),
   the binomial schedule, in which a step may be recomputed several times.
 
-The memory model: at any time the tape holds the stored layers' arrays and
-each checkpointed segment's input; while a segment is recomputed in
+The memory model: at any time the tape keeps the stored layers' arrays and
+each checkpointed segment's input. While a segment is recomputed in
 backward, the segments after it are already freed, and it adds its own
 arrays. Gradient buffers and temporaries outside the tape are not counted.
 """
@@ -32,13 +32,13 @@ from ._revolve import binomial_forward_count
 
 __all__ = ["CheckpointPlan", "LayerProfile", "checkpoint_plan"]
 
-# The dynamic program counts bytes in units; more units are more exact and
-# slower (the cost grows linearly with them).
+# The dynamic program counts bytes in units. More units are more exact and
+# slower, since its cost grows linearly with them.
 _MAX_UNITS = 2048
 
 
 class LayerProfile:
-    """What one layer costs: bytes kept for backward, and forward seconds."""
+    """The cost of one layer: bytes kept for backward, and forward seconds."""
 
     __slots__ = ("internal_bytes", "keeps_input", "keeps_output", "input_bytes",
                  "output_bytes", "seconds")
@@ -62,7 +62,8 @@ class CheckpointPlan:
     """A schedule for a chain of layers, with its predicted cost.
 
     ``segments`` lists (start, stop, checkpointed) layer ranges for the
-    two-level kind; ``snapshots`` is the snapshot count of the binomial kind.
+    two-level kind, and ``snapshots`` is the snapshot count of the binomial
+    kind.
     ``run(model, x)`` applies the model under the schedule.
     """
 
@@ -90,7 +91,7 @@ class CheckpointPlan:
         if len(layers) != len(self.profiles):
             raise ValueError(
                 f"CheckpointPlan.run: the plan was made for {len(self.profiles)} "
-                f"layers but the model has {len(layers)}; make a new plan."
+                f"layers but the model has {len(layers)}. Make a new plan."
             )
         if self.kind == "binomial":
             return run_binomial(layers, x, self.snapshots, self.counter)
@@ -100,7 +101,7 @@ class CheckpointPlan:
         return x
 
     def measure(self, model, x, loss=None):
-        """Run one forward and backward under the plan; return predicted and measured.
+        """Run one training step under the plan, returning predicted and measured costs.
 
         The returned dict has ``predicted_peak_bytes``, ``measured_peak_bytes``
         (the ledger's peak of activation bytes), ``predicted_recompute_seconds``
@@ -145,7 +146,7 @@ def checkpoint_plan(model, sample_input, budget_bytes, repeats=3):
 
 
 def plan_for_profiles(profiles, budget_bytes):
-    """Return the cheapest ``CheckpointPlan`` for ``profiles`` within ``budget_bytes``."""
+    """Return the fastest ``CheckpointPlan`` for ``profiles`` within the budget."""
     if not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
         raise ValueError(
             f"checkpoint_plan: budget_bytes must be a non-negative int, got "
@@ -163,7 +164,7 @@ def plan_for_profiles(profiles, budget_bytes):
         smallest = min(_smallest_two_level(profiles), _binomial_peak(profiles, 1))
         raise ValueError(
             f"checkpoint_plan: no schedule keeps the peak within {budget_bytes} "
-            f"bytes; the smallest feasible budget for this model and input is "
+            f"bytes. The smallest feasible budget for this model and input is "
             f"{smallest} bytes. Raise the budget or use a smaller input."
         )
     return min(candidates, key=lambda p: (p.predicted_recompute_seconds,

@@ -23,8 +23,8 @@ __all__ = ["Policy"]
 class Policy:
     """The ops whose outputs a checkpointed region keeps instead of recomputing.
 
-    ``keep`` is a sequence of ``gf.autograd.Function`` subclasses; the default
-    keeps matrix products. Pass it as ``gf.checkpoint(fn, x, policy=...)``.
+    ``keep`` is a sequence of ``gf.autograd.Function`` subclasses, and the
+    default keeps matrix products. Pass it as ``gf.checkpoint(fn, x, policy=...)``.
 
     >>> policy = gf.checkpoint.Policy()          # keep matmul outputs
     >>> y = gf.checkpoint(block, x, policy=policy)
@@ -50,7 +50,7 @@ class Policy:
 
 
 class _Kept:
-    """One kept op call: its class, input shapes, output and saved inputs."""
+    """One call of a kept op, with its class, input shapes, output and saved inputs."""
 
     __slots__ = ("op", "shapes", "output", "saved_inputs", "is_tuple")
 
@@ -101,8 +101,8 @@ def recording_kept_outputs(policy, store):
 
 
 def _run_below(hook, cls, ctx, arrays, kwargs):
-    # Forward hooks nest (a policy region inside another): each one hands the
-    # ops it does not serve itself to the hook installed before it.
+    # Forward hooks nest (a policy region inside another), so each one hands
+    # the ops it does not serve itself to the hook installed before it.
     hooks = _function.forward_hooks
     index = hooks.index(hook)
     if index > 0:

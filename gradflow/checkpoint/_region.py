@@ -11,6 +11,12 @@ every record it can reach. So each outside tensor that has a graph of its own
 is replaced, inside the recomputation, by a leaf proxy that shares its array.
 Under ``create_graph=True`` the proxies are spliced back to the real tensors
 afterwards, so higher-order gradients flow past the region.
+
+Gradients equal those without checkpointing bit for bit on the CPU when each
+tensor's contributions are summed in the same order.
+NOTE: a tensor read in three or more places, split across regions, may get
+its contributions summed in another order, so its gradient may differ in the
+last bits.
 """
 
 import contextlib
@@ -45,14 +51,15 @@ def recompute_count():
 def checkpoint(fn, *args, preserve_rng_state=True, policy=None, **kwargs):
     """Call ``fn(*args, **kwargs)`` without keeping its activations for backward.
 
-    Only the Tensors that ``fn`` reads from outside are kept; backward runs
-    ``fn`` again with recording on. With ``preserve_rng_state`` the random
+    Only the Tensors that ``fn`` reads from outside are kept, and backward
+    runs ``fn`` again with recording on. With ``preserve_rng_state`` the random
     state of every device is restored before that second run, so dropout
     draws the same mask. ``policy`` (a ``Policy``) keeps the outputs of the
     ops it names, so the second run recomputes only the others.
 
     ``fn`` may return a Tensor or a tuple or list mixing Tensors and other
     values. It must run the same ops on the second call as on the first.
+    Under ``gf.no_grad`` this simply returns ``fn(*args, **kwargs)``.
 
     >>> y = gf.checkpoint(block, x)   # block's activations are recomputed
     """
@@ -91,6 +98,8 @@ class _Region:
             for t in self.tensors():
                 _random.generator_for(t.device)
             self.rng_states = _random.all_rng_states()
+        # NOTE: the hook lists are global, so two threads that checkpoint at
+        # the same time would see each other's captured tensors.
         _function.unrecorded_hooks.append(self._note_touched)
         try:
             with _grad_mode.no_grad(), recording_kept_outputs(self.policy, self.kept):
@@ -238,7 +247,7 @@ class _Checkpoint(Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        ctx.saved_tensors  # raises when freed, checks in-place changes
+        ctx.saved_tensors  # raises if freed or changed in place since
         region = ctx.region
         count = ctx.external_count
         externals = list(ctx.saved[:count])

@@ -15,10 +15,15 @@ import math
 
 import numpy as np
 
+from .. import _ops
+from .._factories import empty, zeros
 from .._ops._common import check_float
 from .._ops._unary import ctx_xp
+from .._tensor import Tensor, as_tensor, make_tensor
 from ..autograd import Function
+from . import init
 from ._dropout import check_dropout_p, dropout
+from ._layers import Linear
 from ._module import Module, Parameter
 
 __all__ = ["scaled_dot_product_attention", "MultiheadAttention"]
@@ -62,8 +67,6 @@ def causal_mask(query_len, key_len, device):
     Query i may attend to keys 0..i. When the lengths differ, the mask is
     aligned at the top-left corner, as PyTorch's ``is_causal`` is.
     """
-    from .._tensor import make_tensor
-
     xp = device.xp
     with device:
         return make_tensor(xp.tril(xp.ones((query_len, key_len), dtype=bool)))
@@ -75,8 +78,6 @@ def mask_to_bias(mask, dtype, op):
     A float mask is returned as it is (cast to ``dtype``), so a gradient can
     flow into it through the addition.
     """
-    from .._tensor import make_tensor
-
     if mask.dtype.kind == "b":
         xp = ctx_xp(mask.data)
         with mask.device:
@@ -91,8 +92,6 @@ def mask_to_bias(mask, dtype, op):
 
 
 def _check_qkv(query, key, value):
-    from .._tensor import Tensor
-
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(
@@ -167,8 +166,6 @@ def attention_weights(query, key, attn_mask=None, dropout_p=0.0,
     if is_causal:
         attn_mask = causal_mask(query_len, key_len, query.device)
     if attn_mask is not None:
-        from .._tensor import Tensor, as_tensor
-
         if not isinstance(attn_mask, Tensor):
             attn_mask = as_tensor(attn_mask, device=query.device)
         _check_mask_shape(attn_mask, query_len, key_len)
@@ -219,8 +216,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _padding_bias(mask, dtype, name):
     """Return a module-style mask (bool True = blocked) as an additive float tensor."""
-    from .._tensor import Tensor, make_tensor
-
     if not isinstance(mask, Tensor):
         raise TypeError(
             f"MultiheadAttention: {name} must be a Tensor, got {type(mask).__name__}"
@@ -239,13 +234,9 @@ def _padding_bias(mask, dtype, name):
 
 def _append_column(bias):
     """Append one zero (attend-allowed) key column to an additive mask."""
-    from .._factories import zeros
-
     if bias is None:
         return None
     column = zeros(*bias.shape[:-1], 1, dtype=bias.dtype, device=bias.device)
-    from .. import _ops
-
     return _ops.cat([bias, column], axis=-1)
 
 
@@ -305,9 +296,6 @@ class MultiheadAttention(Module):
         self._reset_parameters()
 
     def _make_parameters(self, bias, add_bias_kv, device, dtype):
-        from .._factories import empty
-        from ._layers import Linear
-
         def parameter(*shape):
             return Parameter(empty(*shape, device=device, dtype=dtype))
 
@@ -333,8 +321,6 @@ class MultiheadAttention(Module):
             self.bias_k = self.bias_v = None
 
     def _reset_parameters(self):
-        from . import init
-
         if self._qkv_same_embed_dim:
             init.xavier_uniform_(self.in_proj_weight)
         else:
@@ -377,8 +363,6 @@ class MultiheadAttention(Module):
         return out, (weights if batched else weights.squeeze(0))
 
     def _check_inputs(self, query, key, value):
-        from .._tensor import Tensor
-
         for name, t, size in (("query", query, self.embed_dim),
                               ("key", key, self.kdim), ("value", value, self.vdim)):
             if not isinstance(t, Tensor):
@@ -401,8 +385,6 @@ class MultiheadAttention(Module):
 
     def _project(self, query, key, value):
         """Return the (N, length, E) projections of batch-first inputs."""
-        from .. import _ops
-
         if self._qkv_same_embed_dim:
             weights = _ops.chunk(self.in_proj_weight, 3, axis=0)
         else:
@@ -451,9 +433,6 @@ class MultiheadAttention(Module):
 
     def _extend_keys(self, q, k, v, bias):
         """Append bias_k/bias_v and the zero key, then split into heads."""
-        from .. import _ops
-        from .._factories import zeros
-
         batch = q.shape[0]
         if self.bias_k is not None:
             k = _ops.cat([k, self.bias_k.expand(batch, 1, self.embed_dim)], axis=1)

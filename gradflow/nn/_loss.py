@@ -89,6 +89,15 @@ def _all_in_unit_interval(t):
     return bool(xp.all((t.data >= 0) & (t.data <= 1)))
 
 
+def _first_outside_unit_interval(t):
+    # Only called once the check has failed, so the host copy costs nothing
+    # on the normal path.
+    values = t.data if isinstance(t.data, np.ndarray) else t.data.get()
+    bad = ~((values >= 0) & (values <= 1))
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return index, values[index].item()
+
+
 # -- regression and binary losses --------------------------------------
 
 
@@ -166,9 +175,11 @@ def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     _check_device(op, "target", target, input)
     for name, t in (("input", input), ("target", target)):
         if not _all_in_unit_interval(t):
+            index, value = _first_outside_unit_interval(t)
             raise ValueError(
-                f"{op}: every {name} value must be in [0, 1], but some are "
-                "outside it (or NaN). For raw scores (logits) use "
+                f"{op}: every {name} value must be in [0, 1], but {name}"
+                f"[{', '.join(map(str, index))}] is {value} (shape "
+                f"{tuple(t.shape)}). For raw scores (logits) use "
                 "binary_cross_entropy_with_logits, or apply sigmoid first."
             )
     loss = BinaryCrossEntropy.apply(input, target)

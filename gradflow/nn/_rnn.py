@@ -11,10 +11,13 @@ For truncated BPTT, carry the returned state into the next call detached
 arrays an earlier backward freed is rejected with a ``GraphFreedError``.
 """
 
+import collections
 import math
 
 from .. import _ops
+from .._factories import rand, zeros
 from .._ops._common import check_float
+from .._tensor import Tensor
 from ..autograd import _grad_mode
 from ..errors import GraphFreedError
 from ._dropout import check_dropout_p, dropout
@@ -28,7 +31,7 @@ _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
 # How many records behind a carried state are searched for a freed one. A
 # state returned by these layers is at most one record (the stack of final
-# states) away from a record that the backward of its step freed. A state
+# states) away from a record that a backward through it freed. A state
 # transformed further may hide the freed record deeper, and then the later
 # backward raises the engine's less specific GraphFreedError instead.
 _FREED_SEARCH_LIMIT = 64
@@ -38,10 +41,11 @@ def check_carried_state(layer, state):
     """Raise GraphFreedError if ``state`` leads into a graph freed by backward."""
     if state is None or state.grad_fn is None or not _grad_mode.is_grad_enabled():
         return
-    stack = [state.grad_fn]
+    # Breadth first, so the records nearest to the state are searched first.
+    queue = collections.deque([state.grad_fn])
     seen = set()
-    while stack and len(seen) < _FREED_SEARCH_LIMIT:
-        record = stack.pop()
+    while queue and len(seen) < _FREED_SEARCH_LIMIT:
+        record = queue.popleft()
         if record in seen:
             continue
         seen.add(record)
@@ -49,18 +53,16 @@ def check_carried_state(layer, state):
             raise GraphFreedError(
                 f"{layer}: the hidden state passed in (shape "
                 f"{tuple(state.shape)}) is still attached to the graph of an "
-                "earlier step, whose saved arrays that step's backward has "
-                "freed. For truncated backpropagation through time, detach "
+                "earlier call, whose saved arrays a backward through it has "
+                "already freed. For truncated backpropagation through time, detach "
                 "the state you carry between segments (h = h.detach(), and "
                 "c = c.detach() for an LSTM). To backpropagate through both "
                 "segments, pass retain_graph=True to the earlier backward."
             )
-        stack.extend(e[0] for e in record.edges if type(e) is tuple)
+        queue.extend(e[0] for e in record.edges if type(e) is tuple)
 
 
 def _uniform_parameter(shape, bound, device, dtype):
-    from .._factories import rand
-
     values = rand(*shape, dtype=dtype, device=device) * (2 * bound) - bound
     return Parameter(values)
 
@@ -111,8 +113,6 @@ def _activation(nonlinearity):
 
 
 def _check_input(layer, x, expected_ndim, input_size):
-    from .._tensor import Tensor
-
     if not isinstance(x, Tensor):
         raise TypeError(f"{layer}: input must be a Tensor, got {type(x).__name__}")
     if x.ndim not in expected_ndim or x.shape[-1] != input_size:
@@ -178,8 +178,6 @@ class _CellBase(Module):
         layer = type(self).__name__
         shape = (x.shape[0], self.hidden_size)
         if hx is None:
-            from .._factories import zeros
-
             return zeros(*shape, dtype=x.dtype, device=x.device)
         if not batched:
             hx = hx.unsqueeze(0)
@@ -346,8 +344,6 @@ class RNNBase(Module):
 
     def _initial_states(self, x, hx, batched):
         """Return per-state lists of (N, size) tensors, one per layer and direction."""
-        from .._factories import zeros
-
         shapes = self._state_shapes(x.shape[1])
         if hx is None:
             passed = [None] * len(shapes)

@@ -23,7 +23,7 @@ _EPSILON = 1e-6
 def clip_grad_norm_(
     parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None
 ):
-    """Scale the gradients of ``parameters`` in place so their total norm is at most ``max_norm``.
+    """Scale the gradients of ``parameters`` in place to a total norm <= ``max_norm``.
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or an iterable of
