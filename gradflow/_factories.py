@@ -40,7 +40,7 @@ def _create(fill, shape, dtype, device, requires_grad):
 
 
 def zeros(*shape, dtype=None, device=None, requires_grad=False):
-    """Return a tensor of zeros (float32 unless ``dtype`` says otherwise)."""
+    """Return a tensor of zeros (float32 unless ``dtype`` is given)."""
     return _create(lambda xp: xp.zeros, shape, dtype, device, requires_grad)
 
 

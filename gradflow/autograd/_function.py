@@ -199,6 +199,7 @@ class Function:
                 needs.append(False)
         if off_cpu and tensor_count > 1:
             check_devices(cls, [arg for arg in args if isinstance(arg, Tensor)])
+
         record = requires_grad and _grad_mode.is_grad_enabled()
         ctx = Context()
         ctx.function = cls
@@ -211,6 +212,7 @@ class Function:
             out = cls.forward(ctx, *arrays, **kwargs)
         if anomaly_hook is not None:
             anomaly_hook(ctx, args, out)
+
         outputs = out if type(out) is tuple else (out,)
         for o in outputs:
             if not hasattr(o, "shape"):
@@ -226,6 +228,7 @@ class Function:
             if type(out) is tuple:
                 return tuple(make_tensor(o) for o in out)
             return make_tensor(out)
+
         _record(ctx, args, arrays, outputs, needs)
         if type(out) is tuple:
             results = tuple(make_tensor(o, ctx, i) for i, o in enumerate(outputs))
@@ -267,10 +270,10 @@ def _record(ctx, args, arrays, outputs, needs):
 
 
 def _resolve_saved(ctx, args, arrays, outputs):
-    # Each saved array is one of three kinds: a Tensor input (kept as the
-    # Tensor, which also lets a recorded backward reach its graph), an output
-    # of this op (kept as the array, since holding the output Tensor would
-    # make a cycle), or a temporary (kept as the array).
+    # Each saved array is one of three kinds. A Tensor input is kept as the
+    # Tensor, which also lets a recorded backward reach its graph. An output
+    # of this op is kept as the array, because holding the output Tensor would
+    # make a cycle. A temporary is kept as the array.
     saved = []
     kinds = []
     versions = []

@@ -75,6 +75,17 @@ def _check_device(op, name, t, input):
         )
 
 
+def _elementwise_checks(op, input, target, reduction):
+    """Convert and check the arguments of a loss between two float tensors of one shape."""
+    input, target = _as_tensor(op, "input", input), _as_tensor(op, "target", target)
+    _check_reduction(op, reduction)
+    _check_float(op, "input", input)
+    _check_float(op, "target", target)
+    _check_same_shape(op, input, target)
+    _check_device(op, "target", target, input)
+    return input, target
+
+
 def _reduce(loss, reduction):
     if reduction == "mean":
         return loss.mean()
@@ -111,12 +122,7 @@ def mse_loss(input, target, reduction="mean"):
     tensor(2.)
     """
     op = "mse_loss"
-    input, target = _as_tensor(op, "input", input), _as_tensor(op, "target", target)
-    _check_reduction(op, reduction)
-    _check_float(op, "input", input)
-    _check_float(op, "target", target)
-    _check_same_shape(op, input, target)
-    _check_device(op, "target", target, input)
+    input, target = _elementwise_checks(op, input, target, reduction)
     diff = input - target
     return _reduce(diff * diff, reduction)
 
@@ -167,12 +173,7 @@ def binary_cross_entropy(input, target, weight=None, reduction="mean"):
     tensor(0.6931472)
     """
     op = "binary_cross_entropy"
-    input, target = _as_tensor(op, "input", input), _as_tensor(op, "target", target)
-    _check_reduction(op, reduction)
-    _check_float(op, "input", input)
-    _check_float(op, "target", target)
-    _check_same_shape(op, input, target)
-    _check_device(op, "target", target, input)
+    input, target = _elementwise_checks(op, input, target, reduction)
     for name, t in (("input", input), ("target", target)):
         if not _all_in_unit_interval(t):
             index, value = _first_outside_unit_interval(t)
@@ -221,12 +222,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     tensor(0.6931472)
     """
     op = "binary_cross_entropy_with_logits"
-    input, target = _as_tensor(op, "input", input), _as_tensor(op, "target", target)
-    _check_reduction(op, reduction)
-    _check_float(op, "input", input)
-    _check_float(op, "target", target)
-    _check_same_shape(op, input, target)
-    _check_device(op, "target", target, input)
+    input, target = _elementwise_checks(op, input, target, reduction)
     # softplus(-x) = log(1 + exp(-x)) = -log(sigmoid(x)). An infinite
     # threshold keeps the exact formula, which never overflows.
     neg_log_sigmoid = _ops.softplus(-input, threshold=float("inf"))
