@@ -15,7 +15,11 @@ The intrinsics live in this file because Numba checks only the source file
 of a cached function for changes.
 """
 
-import numba
+from ._threads import limit_openmp_spinning
+
+limit_openmp_spinning()
+
+import numba  # noqa: E402 (after the OpenMP setting above)
 import numpy as np
 from numba import types
 from numba.extending import intrinsic

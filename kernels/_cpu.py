@@ -23,7 +23,11 @@ the loops lose the per-element check that would stop LLVM from vectorizing.
 
 import math
 
-import numba
+from ._threads import limit_openmp_spinning
+
+limit_openmp_spinning()
+
+import numba  # noqa: E402 (after the OpenMP setting above)
 import numpy as np
 from llvmlite import ir
 from numba import types
