@@ -26,6 +26,8 @@ import numpy as np
 
 import gradflow as gf
 
+from _common import load_digits_split
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -44,16 +46,6 @@ def parse_args(argv=None):
     if not 1 <= args.checkpoint_segments <= args.depth:
         parser.error("--checkpoint-segments must be between 1 and --depth")
     return args
-
-
-def load_digits_split(seed=0):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)  # pixels are 0 to 16
-    y = digits.target.astype(np.int64)
-    return train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
 
 
 class ResidualBlock(gf.nn.Module):
@@ -108,7 +100,7 @@ def report_tradeoff(model, x, y):
 def main(argv=None):
     args = parse_args(argv)
     gf.manual_seed(0)
-    x_train, x_test, y_train, y_test = load_digits_split()
+    x_train, y_train, x_test, y_test = load_digits_split(0, flatten=True)
     x_train, y_train = gf.tensor(x_train), gf.tensor(y_train)
     model = DeepMLP(args.depth, args.hidden, args.checkpoint_segments)
     optimizer = gf.optim.Adam(model.parameters(), lr=1e-3)

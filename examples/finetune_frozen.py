@@ -16,7 +16,7 @@ import numpy as np
 import gradflow as gf
 from gradflow import nn
 
-from train_cnn_digits import evaluate, load_digits_split
+from _common import evaluate, load_digits_split, train_epoch
 
 
 def build_model():
@@ -38,20 +38,9 @@ def train(model, optimizer, images, labels, epochs, batch_size, rng, device):
 
     Returns the mean loss of the last epoch.
     """
-    loss_fn = nn.CrossEntropyLoss()
     for _ in range(epochs):
-        order = rng.permutation(len(images))
-        total = 0.0
-        for start in range(0, len(images), batch_size):
-            index = order[start:start + batch_size]
-            x = gf.tensor(images[index], device=device)
-            y = gf.tensor(labels[index], device=device)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-    return total / len(images)
+        loss = train_epoch(model, optimizer, images, labels, batch_size, rng, device)
+    return loss
 
 
 def freeze_all_but_last(model):

@@ -18,7 +18,7 @@ import numpy as np
 import gradflow as gf
 from gradflow import nn
 
-from train_cnn_digits import load_digits_split
+from _common import load_digits_split
 
 TOLERANCE = 1e-10
 MICRO_BATCH_SIZES = (16, 16, 16, 12)

@@ -18,9 +18,11 @@ import time
 import numpy as np
 
 import gradflow as gf
-import gradflow.nn.functional as F
 
-DEFAULT_TEXT = pathlib.Path(__file__).parent / "data" / "tempest.txt"
+from _common import (
+    TEMPEST, CharVocabulary, add_generation_arguments, draw_next_id, next_char_loss,
+    print_progress,
+)
 
 
 class TinyTransformer(gf.nn.Module):
@@ -72,46 +74,32 @@ def train(model, ids, args, device):
     for step in range(1, args.steps + 1):
         inputs, targets = random_windows(ids, args.batch_size, args.block_size, rng)
         logits = model(gf.tensor(inputs, device=device))
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                               gf.tensor(targets.reshape(-1), device=device))
+        loss = next_char_loss(logits, targets, device)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps:
-            recent = np.mean(losses[-args.log_every:])
-            elapsed = time.perf_counter() - started
-            print(f"step {step:5d}  loss {recent:.3f}  ({elapsed:.1f} s)")
+        print_progress(step, losses, args, started)
     return losses
 
 
-def sample(model, chars, prompt, length, temperature, device, seed):
+def sample(model, vocab, prompt, length, temperature, device, seed):
     """Return ``prompt`` continued by ``length`` characters drawn from the model."""
     rng = np.random.default_rng(seed)
-    lookup = {c: i for i, c in enumerate(chars)}
-    unknown = sorted(set(prompt) - set(lookup))
-    if unknown:
-        raise ValueError(
-            f"characters {unknown} do not occur in the training text; use a "
-            "prompt made of characters that do."
-        )
-    ids = [lookup[c] for c in prompt]
+    ids = list(vocab.encode(prompt))
     model.eval()
     with gf.no_grad():
         for _ in range(length):
             context = np.array([ids[-model.block_size:]])
             logits = model(gf.tensor(context, device=device)).data[0, -1]
-            logits = np.asarray(logits.get() if hasattr(logits, "get") else logits)
-            logits = logits.astype(np.float64) / temperature
-            probs = np.exp(logits - logits.max())
-            ids.append(int(rng.choice(len(probs), p=probs / probs.sum())))
+            ids.append(draw_next_id(logits, temperature, rng))
     model.train()
-    return "".join(chars[i] for i in ids)
+    return vocab.decode(ids)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=pathlib.Path, default=DEFAULT_TEXT,
+    parser.add_argument("--text", type=pathlib.Path, default=TEMPEST,
                         help="plain-text file to train on")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -126,15 +114,7 @@ def parse_args(argv):
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="dropout probability inside the blocks")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    parser.add_argument("--log-every", type=int, default=50,
-                        help="print the mean loss every this many steps")
-    parser.add_argument("--prompt", default="PROSPERO.\n",
-                        help="text that the sample continues")
-    parser.add_argument("--sample-length", type=int, default=200,
-                        help="characters to generate after training")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="sampling temperature (lower is more conservative)")
-    parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto"')
+    add_generation_arguments(parser, sample_length=200)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weights, the windows and the sampling")
     return parser.parse_args(argv)
@@ -146,16 +126,15 @@ def main(argv=None):
     gf.manual_seed(args.seed)
     device = gf.device(args.device)
     text = args.text.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(chars)}
-    ids = np.array([lookup[c] for c in text], dtype=np.int64)
-    print(f"{len(text)} characters, {len(chars)} distinct, device {device}")
-    model = TinyTransformer(len(chars), args.block_size, args.d_model, args.nhead,
+    vocab = CharVocabulary(text)
+    ids = vocab.encode(text)
+    print(f"{len(text)} characters, {len(vocab)} distinct, device {device}")
+    model = TinyTransformer(len(vocab), args.block_size, args.d_model, args.nhead,
                             args.num_layers, args.dropout, device)
     started = time.perf_counter()
     losses = train(model, ids, args, device)
     seconds = time.perf_counter() - started
-    text_out = sample(model, chars, args.prompt, args.sample_length,
+    text_out = sample(model, vocab, args.prompt, args.sample_length,
                       args.temperature, device, args.seed)
     print(f"--- sample after {args.steps} steps ---\n{text_out}")
     return {"losses": losses, "sample": text_out, "train_seconds": seconds}

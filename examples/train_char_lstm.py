@@ -18,32 +18,11 @@ import time
 import numpy as np
 
 import gradflow as gf
-import gradflow.nn.functional as F
 
-DEFAULT_TEXT = pathlib.Path(__file__).parent / "data" / "tempest.txt"
-
-
-class CharVocabulary:
-    """The characters of a text, each mapped to an integer id."""
-
-    def __init__(self, text):
-        self.chars = sorted(set(text))
-        self.ids = {c: i for i, c in enumerate(self.chars)}
-
-    def __len__(self):
-        return len(self.chars)
-
-    def encode(self, text):
-        unknown = sorted(set(text) - set(self.ids))
-        if unknown:
-            raise ValueError(
-                f"characters {unknown} do not occur in the training text; "
-                "use a prompt made of characters that do."
-            )
-        return np.array([self.ids[c] for c in text], dtype=np.int64)
-
-    def decode(self, ids):
-        return "".join(self.chars[int(i)] for i in ids)
+from _common import (
+    TEMPEST, CharVocabulary, add_generation_arguments, draw_next_id, next_char_loss,
+    print_progress,
+)
 
 
 class CharLSTM(gf.nn.Module):
@@ -104,17 +83,13 @@ def train(model, batches, args, device):
         # Truncated BPTT: the next window starts from this state's values,
         # but its backward stops here instead of reaching into freed graphs.
         state = tuple(s.detach() for s in state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                               gf.tensor(targets.reshape(-1), device=device))
+        loss = next_char_loss(logits, targets, device)
         optimizer.zero_grad()
         loss.backward()
         clip_gradients(model.parameters(), args.clip)
         optimizer.step()
         losses.append(loss.item())
-        if step % args.log_every == 0 or step == args.steps:
-            recent = np.mean(losses[-args.log_every:])
-            elapsed = time.perf_counter() - started
-            print(f"step {step:5d}  loss {recent:.3f}  ({elapsed:.1f} s)")
+        print_progress(step, losses, args, started)
     return losses
 
 
@@ -126,10 +101,7 @@ def sample(model, vocab, prompt, length, temperature, device, seed):
     with gf.no_grad():
         logits, state = model(gf.tensor(np.array([ids]), device=device))
         for _ in range(length):
-            last = logits.data[0, -1].astype(np.float64) / temperature
-            last = np.asarray(last.get() if hasattr(last, "get") else last)
-            probs = np.exp(last - last.max())
-            next_id = int(rng.choice(len(probs), p=probs / probs.sum()))
+            next_id = draw_next_id(logits.data[0, -1], temperature, rng)
             ids.append(next_id)
             step_input = gf.tensor(np.array([[next_id]]), device=device)
             logits, state = model(step_input, state)
@@ -139,7 +111,7 @@ def sample(model, vocab, prompt, length, temperature, device, seed):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=pathlib.Path, default=DEFAULT_TEXT,
+    parser.add_argument("--text", type=pathlib.Path, default=TEMPEST,
                         help="plain-text file to train on")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32,
@@ -156,15 +128,7 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--clip", type=float, default=1.0,
                         help="maximum global gradient norm")
-    parser.add_argument("--log-every", type=int, default=50,
-                        help="print the mean loss every this many steps")
-    parser.add_argument("--prompt", default="PROSPERO.\n",
-                        help="text that the sample continues")
-    parser.add_argument("--sample-length", type=int, default=300,
-                        help="characters to generate after training")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="sampling temperature (lower is more conservative)")
-    parser.add_argument("--device", default="cpu", help='"cpu", "cuda" or "auto"')
+    add_generation_arguments(parser, sample_length=300)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weights and of the sampling")
     return parser.parse_args(argv)

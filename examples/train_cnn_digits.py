@@ -17,6 +17,8 @@ import numpy as np
 import gradflow as gf
 from gradflow import nn
 
+from _common import evaluate, load_digits_split, train_epoch
+
 
 def build_model():
     """Return the CNN: two 3x3 convolution blocks, then a linear classifier."""
@@ -34,53 +36,6 @@ def build_model():
         nn.Flatten(),
         nn.Linear(64 * 2 * 2, 10),
     )
-
-
-def load_digits_split(seed, train_limit=None):
-    """Return (train_x, train_y, test_x, test_y) as NumPy arrays scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
-    split = train_test_split(images, digits.target, test_size=0.2,
-                             random_state=seed, stratify=digits.target)
-    train_x, test_x, train_y, test_y = split
-    if train_limit is not None:
-        train_x, train_y = train_x[:train_limit], train_y[:train_limit]
-    return train_x, train_y.astype(np.int64), test_x, test_y.astype(np.int64)
-
-
-def evaluate(model, images, labels, device, batch_size=256):
-    """Return the accuracy of ``model`` on ``images`` in eval mode."""
-    model.eval()
-    correct = 0
-    with gf.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = gf.tensor(images[start:start + batch_size], device=device)
-            predicted = model(batch).argmax(axis=1).cpu().numpy()
-            correct += int((predicted == labels[start:start + batch_size]).sum())
-    model.train()
-    return correct / len(images)
-
-
-def train_epoch(model, optimizer, images, labels, batch_size, rng, device):
-    """Run one epoch of shuffled mini-batches; return the mean training loss."""
-    loss_fn = nn.CrossEntropyLoss()
-    order = rng.permutation(len(images))
-    total = 0.0
-    for start in range(0, len(images), batch_size):
-        index = order[start:start + batch_size]
-        if len(index) < 2:
-            continue  # batch norm needs two samples per channel in training
-        x = gf.tensor(images[index], device=device)
-        y = gf.tensor(labels[index], device=device)
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(index)
-    return total / len(images)
 
 
 def parse_args(argv):
@@ -110,8 +65,10 @@ def main(argv=None):
     losses = []
     started = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
+        # Batch norm needs two samples per channel in training, so a last
+        # batch of one image is skipped.
         losses.append(train_epoch(model, optimizer, train_x, train_y,
-                                  args.batch_size, rng, device))
+                                  args.batch_size, rng, device, min_batch_size=2))
         print(f"epoch {epoch:2d}  train loss {losses[-1]:.4f}")
     seconds = time.perf_counter() - started
     results = {

@@ -27,11 +27,12 @@ import logging
 import os
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 import gradflow as gf
 from gradflow.optim import lr_scheduler
+
+from _common import load_digits_split
 
 logger = logging.getLogger("train_digits")
 
@@ -78,17 +79,7 @@ def load_dataset(mnist_dir, seed):
         x_train, y_train = gf.data.load_mnist(mnist_dir, split="train")
         x_test, y_test = gf.data.load_mnist(mnist_dir, split="test")
         return x_train, y_train, x_test, y_test
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    # Pixel values of this set are integers from 0 to 16.
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=seed
-    )
-    return x_train, y_train, x_test, y_test
+    return load_digits_split(seed, flatten=True)
 
 
 def build_model(in_features, hidden, classes, device):

@@ -25,7 +25,7 @@ class Tensor:
     """
 
     __slots__ = (
-        "data", "grad", "grad_fn", "_out_index", "_requires_grad", "_version",
+        "data", "_grad", "grad_fn", "_out_index", "_requires_grad", "_version",
         "_hooks", "__weakref__",
     )
     # NumPy defers to Tensor's reflected operators (array * tensor).
@@ -35,7 +35,7 @@ class Tensor:
     def __init__(self, data, dtype=None, device=None, requires_grad=False):
         array = _to_array(data, dtype, device, copy=False)
         self.data = array
-        self.grad = None
+        self._grad = None
         self.grad_fn = None
         self._out_index = 0
         self._version = [0]
@@ -61,6 +61,17 @@ class Tensor:
     @property
     def device(self):
         return _device.device_of_array(self.data)
+
+    @property
+    def grad(self):
+        """The gradient that backward accumulated here (a Tensor), or None."""
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        if value is not None:
+            _check_grad_assignment(self, value)
+        self._grad = value
 
     @property
     def is_leaf(self):
@@ -400,13 +411,36 @@ def make_tensor(data, grad_fn=None, out_index=0):
         data = np.asarray(data)
     t = _new_tensor(Tensor)
     t.data = data
-    t.grad = None
+    t._grad = None
     t.grad_fn = grad_fn
     t._out_index = out_index
     t._requires_grad = grad_fn is not None
     t._version = [0]
     t._hooks = None
     return t
+
+
+def _check_grad_assignment(t, value):
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"a gradient must be a Tensor or None, got {type(value).__name__}; "
+            "wrap arrays with gf.tensor()."
+        )
+    if value.data.shape != t.data.shape:
+        raise ValueError(
+            f"the assigned gradient has shape {tuple(value.shape)} but the "
+            f"tensor has shape {tuple(t.shape)}; they must match."
+        )
+    if value.data.dtype != t.data.dtype:
+        raise TypeError(
+            f"the assigned gradient has dtype {value.dtype} but the tensor has "
+            f"dtype {t.dtype}; convert it with .astype({t.dtype})."
+        )
+    if type(value.data) is not type(t.data) or value.device != t.device:
+        raise RuntimeError(
+            f"the assigned gradient is on {value.device} but the tensor is on "
+            f"{t.device}; move it with .to() first."
+        )
 
 
 def _host(array):

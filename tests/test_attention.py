@@ -2,23 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import to_host
+from conftest import assert_close, device_tensor, load_torch_state, to_host
 
 import gradflow as gf
 import gradflow.nn.functional as F
-
-
-def _tensor(array, device, requires_grad=False):
-    return gf.tensor(array, device=device, requires_grad=requires_grad)
-
-
-def _load_from_torch(module, torch_module):
-    state = torch_module.state_dict()
-    module.load_state_dict({n: gf.tensor(p.numpy()) for n, p in state.items()})
-
-
-def _assert_close(actual, expected, tol=1e-10):
-    np.testing.assert_allclose(to_host(actual), expected, rtol=tol, atol=tol)
 
 
 # -- scaled_dot_product_attention -------------------------------------------
@@ -52,26 +39,27 @@ def test_sdpa_matches_torch(case, device):
     if kind:
         mask = _sdpa_mask(kind, rng, arrays[0].shape[-2], arrays[1].shape[-2])
         torch_kwargs["attn_mask"] = torch.tensor(mask)
-        gf_kwargs["attn_mask"] = _tensor(mask, device)
+        gf_kwargs["attn_mask"] = device_tensor(mask, device)
     torch_in = [torch.tensor(a, requires_grad=True) for a in arrays]
-    gf_in = [_tensor(a, device, requires_grad=True) for a in arrays]
+    gf_in = [device_tensor(a, device, requires_grad=True) for a in arrays]
     torch_sdpa = torch.nn.functional.scaled_dot_product_attention
     expected = torch_sdpa(*torch_in, **torch_kwargs)
     out = F.scaled_dot_product_attention(*gf_in, **gf_kwargs)
     weight = rng.standard_normal(tuple(expected.shape))
     (expected * torch.tensor(weight)).sum().backward()
-    (out * _tensor(weight, device)).sum().backward()
-    _assert_close(out, expected.detach().numpy())
+    (out * device_tensor(weight, device)).sum().backward()
+    assert_close(out, expected.detach().numpy())
     for name, mine, theirs in zip("qkv", gf_in, torch_in):
-        _assert_close(mine.grad, theirs.grad.numpy())
+        assert_close(mine.grad, theirs.grad.numpy())
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_sdpa_gradcheck(kind, device):
     rng = np.random.default_rng(1)
-    q, k, v = (_tensor(rng.standard_normal(s), device, requires_grad=True)
+    q, k, v = (device_tensor(rng.standard_normal(s), device, requires_grad=True)
                for s in [(2, 3, 4), (2, 5, 4), (2, 5, 3)])
-    mask = _tensor(_sdpa_mask(kind, rng, 3, 5), device, requires_grad=kind == "float")
+    mask = device_tensor(_sdpa_mask(kind, rng, 3, 5), device,
+                         requires_grad=kind == "float")
 
     def attend(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -82,10 +70,10 @@ def test_sdpa_gradcheck(kind, device):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_sdpa_fully_masked_row(kind, device):
     rng = np.random.default_rng(2)
-    q, k, v = (_tensor(rng.standard_normal(s), device, requires_grad=True)
+    q, k, v = (device_tensor(rng.standard_normal(s), device, requires_grad=True)
                for s in [(3, 4), (5, 4), (5, 2)])
     mask = _sdpa_mask(kind, rng, 3, 5)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_tensor(mask, device))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=device_tensor(mask, device))
     out.sum().backward()
     assert np.array_equal(to_host(out)[1], np.zeros(2))
     for t in (q, k, v):
@@ -96,15 +84,15 @@ def test_sdpa_fully_masked_row(kind, device):
 def test_sdpa_causal_mask_values(device):
     q = gf.randn(1, 4, 3, device=device)
     out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
-    allowed = _tensor(np.tril(np.ones((4, 4), dtype=bool)), device)
+    allowed = device_tensor(np.tril(np.ones((4, 4), dtype=bool)), device)
     masked = F.scaled_dot_product_attention(q, q, q, attn_mask=allowed)
-    _assert_close(out, to_host(masked))
-    _assert_close(out[:, 0], to_host(q[:, 0]), tol=1e-6)
+    assert_close(out, to_host(masked))
+    assert_close(out[:, 0], to_host(q[:, 0]), tol=1e-6)
 
 
 def test_sdpa_double_backward(device):
     rng = np.random.default_rng(3)
-    q, k, v = (_tensor(rng.standard_normal((3, 2)), device, requires_grad=True)
+    q, k, v = (device_tensor(rng.standard_normal((3, 2)), device, requires_grad=True)
                for _ in range(3))
 
     def grad_norm(q, k, v):
@@ -134,7 +122,7 @@ def test_sdpa_dropout_one_zeroes_output(device):
 
 def test_sdpa_rejects_mask_and_causal(device):
     q = gf.randn(3, 4, device=device)
-    mask = _tensor(np.ones((3, 3), dtype=bool), device)
+    mask = device_tensor(np.ones((3, 3), dtype=bool), device)
     with pytest.raises(ValueError, match="is_causal"):
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=True)
 
@@ -146,7 +134,7 @@ def test_sdpa_rejects_bad_shapes(device):
     with pytest.raises(ValueError, match="same length"):
         F.scaled_dot_product_attention(q, k, gf.randn(4, 4, device=device))
     with pytest.raises(ValueError, match="does not broadcast"):
-        mask = _tensor(np.ones((3, 4), dtype=bool), device)
+        mask = device_tensor(np.ones((3, 4), dtype=bool), device)
         F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
 
 
@@ -207,21 +195,21 @@ def test_mha_matches_torch(case, device):
     reference = torch.nn.MultiheadAttention(8, 2, **init_kwargs).double()
     module = gf.nn.MultiheadAttention(8, 2, device=device, dtype=gf.float64,
                                       **init_kwargs)
-    _load_from_torch(module, reference)
+    load_torch_state(module, reference)
     arrays = [rng.standard_normal(s) for s in shapes]
     masks = {name: _mha_mask(kind, rng) for name, kind in mask_kinds.items()}
 
     torch_in = [torch.tensor(a, requires_grad=True) for a in arrays]
-    gf_in = [_tensor(a, device, requires_grad=True) for a in arrays]
+    gf_in = [device_tensor(a, device, requires_grad=True) for a in arrays]
     expected, expected_weights = reference(
         *torch_in, **call_kwargs, **{n: torch.tensor(m) for n, m in masks.items()})
     out, weights = module(*gf_in, **call_kwargs,
-                          **{n: _tensor(m, device) for n, m in masks.items()})
+                          **{n: device_tensor(m, device) for n, m in masks.items()})
 
     torch_loss = (expected * torch.tensor(np.cos(arrays[0]))).sum()
-    gf_loss = (out * _tensor(np.cos(arrays[0]), device)).sum()
+    gf_loss = (out * device_tensor(np.cos(arrays[0]), device)).sum()
     if expected_weights is not None:
-        _assert_close(weights, expected_weights.detach().numpy())
+        assert_close(weights, expected_weights.detach().numpy())
         torch_loss = torch_loss + (expected_weights ** 2).sum()
         gf_loss = gf_loss + (weights * weights).sum()
     else:
@@ -229,12 +217,12 @@ def test_mha_matches_torch(case, device):
     torch_loss.backward()
     gf_loss.backward()
 
-    _assert_close(out, expected.detach().numpy())
+    assert_close(out, expected.detach().numpy())
     for mine, theirs in zip(gf_in, torch_in):
-        _assert_close(mine.grad, theirs.grad.numpy())
+        assert_close(mine.grad, theirs.grad.numpy())
     for (name, param), (_, theirs) in zip(module.named_parameters(),
                                           reference.named_parameters()):
-        _assert_close(param.grad, theirs.grad.numpy())
+        assert_close(param.grad, theirs.grad.numpy())
 
 
 def test_mha_parameter_names_match_torch():
@@ -251,7 +239,7 @@ def test_mha_gradcheck(device):
     module = gf.nn.MultiheadAttention(4, 2, add_bias_kv=True, device=device,
                                       dtype=gf.float64)
     x = gf.randn(3, 1, 4, dtype=gf.float64, device=device, requires_grad=True)
-    padding = _tensor(np.array([[False, True, False]]), device)
+    padding = device_tensor(np.array([[False, True, False]]), device)
     params = list(module.parameters())
 
     def attend(x, *params):
@@ -265,11 +253,12 @@ def test_mha_fully_padded_query_is_finite(device):
     module = gf.nn.MultiheadAttention(4, 2, device=device, dtype=gf.float64)
     module.out_proj.bias.data[...] = module.out_proj.bias.data + 0.5
     x = gf.randn(3, 2, 4, dtype=gf.float64, device=device, requires_grad=True)
-    padding = _tensor(np.array([[True, True, True], [False, True, False]]), device)
+    padding = device_tensor(np.array([[True, True, True], [False, True, False]]),
+                            device)
     out, weights = module(x, x, x, key_padding_mask=padding)
     (out.sum() + weights.sum()).backward()
     bias = to_host(module.out_proj.bias)
-    _assert_close(out[:, 0], np.broadcast_to(bias, (3, 4)))
+    assert_close(out[:, 0], np.broadcast_to(bias, (3, 4)))
     assert np.array_equal(to_host(weights)[0], np.zeros((3, 3)))
     assert np.isfinite(to_host(x.grad)).all()
     assert np.isfinite(to_host(module.in_proj_weight.grad)).all()
@@ -295,9 +284,9 @@ def test_mha_rejects_bad_arguments(device):
     with pytest.raises(ValueError, match="4 features"):
         module(gf.randn(3, 2, 5, device=device), x, x)
     with pytest.raises(ValueError, match="key_padding_mask"):
-        module(x, x, x, key_padding_mask=_tensor(np.zeros((2, 4), bool), device))
+        module(x, x, x, key_padding_mask=device_tensor(np.zeros((2, 4), bool), device))
     with pytest.raises(ValueError, match="attn_mask"):
-        module(x, x, x, attn_mask=_tensor(np.zeros((3, 4), bool), device))
+        module(x, x, x, attn_mask=device_tensor(np.zeros((3, 4), bool), device))
 
 
 # -- Transformer block --------------------------------------------------------
@@ -318,22 +307,22 @@ def test_encoder_layer_matches_torch(case, device):
     reference = reference.double()
     layer = gf.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, device=device,
                                           dtype=gf.float64, **kwargs)
-    _load_from_torch(layer, reference)
+    load_torch_state(layer, reference)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 3, 8))
     length = 3 if kwargs.get("batch_first") else 4
     blocked = np.triu(np.ones((length, length), dtype=bool), 1)
     torch_x = torch.tensor(x, requires_grad=True)
-    gf_x = _tensor(x, device, requires_grad=True)
+    gf_x = device_tensor(x, device, requires_grad=True)
     expected = reference(torch_x, src_mask=torch.tensor(blocked))
-    out = layer(gf_x, src_mask=_tensor(blocked, device))
+    out = layer(gf_x, src_mask=device_tensor(blocked, device))
     (expected * torch.tensor(np.sin(x))).sum().backward()
-    (out * _tensor(np.sin(x), device)).sum().backward()
-    _assert_close(out, expected.detach().numpy())
-    _assert_close(gf_x.grad, torch_x.grad.numpy())
+    (out * device_tensor(np.sin(x), device)).sum().backward()
+    assert_close(out, expected.detach().numpy())
+    assert_close(gf_x.grad, torch_x.grad.numpy())
     for (name, param), (_, theirs) in zip(layer.named_parameters(),
                                           reference.named_parameters()):
-        _assert_close(param.grad, theirs.grad.numpy())
+        assert_close(param.grad, theirs.grad.numpy())
 
 
 def test_encoder_stack_matches_torch(device):
@@ -344,17 +333,17 @@ def test_encoder_stack_matches_torch(device):
                                           dtype=gf.float64)
     stack = gf.nn.TransformerEncoder(layer, 2)
     assert list(stack.state_dict()) == list(reference.state_dict())
-    _load_from_torch(stack, reference)
+    load_torch_state(stack, reference)
     x = np.random.default_rng(6).standard_normal((4, 3, 8))
     expected = reference(torch.tensor(x)).detach().numpy()
-    _assert_close(stack(_tensor(x, device)), expected)
+    assert_close(stack(device_tensor(x, device)), expected)
 
 
 def test_encoder_layers_start_equal_train_apart(device):
     layer = gf.nn.TransformerEncoderLayer(8, 2, 16, device=device)
     stack = gf.nn.TransformerEncoder(layer, 2)
     first, second = stack.layers[0], stack.layers[1]
-    _assert_close(first.linear1.weight, to_host(second.linear1.weight), tol=0)
+    assert_close(first.linear1.weight, to_host(second.linear1.weight), tol=0)
     assert first.linear1.weight is not second.linear1.weight
 
 
@@ -374,9 +363,9 @@ def test_encoder_layer_causal_flag_equals_mask(device):
     layer = gf.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True,
                                           device=device)
     x = gf.randn(2, 5, 8, device=device)
-    blocked = _tensor(np.triu(np.ones((5, 5), dtype=bool), 1), device)
-    _assert_close(layer(x, is_causal=True), to_host(layer(x, src_mask=blocked)),
-                  tol=1e-6)
+    blocked = device_tensor(np.triu(np.ones((5, 5), dtype=bool), 1), device)
+    assert_close(layer(x, is_causal=True), to_host(layer(x, src_mask=blocked)),
+                 tol=1e-6)
 
 
 def test_encoder_layer_rejects_unknown_activation():

@@ -1,22 +1,18 @@
 """The CNN, fine-tuning and gradient-accumulation examples, in tiny configurations."""
 
-import importlib
 import math
-import pathlib
 
+import conftest
 import pytest
 
 import gradflow as gf
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-
 
 @pytest.fixture
-def load_example(monkeypatch):
+def load_example():
     """Return a function that imports an example script by module name."""
     pytest.importorskip("sklearn")
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    return importlib.import_module
+    return conftest.load_example
 
 
 def test_cnn_digits_learns(load_example, capsys):

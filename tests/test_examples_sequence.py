@@ -1,19 +1,8 @@
 """The sequence-model examples, run end to end in a tiny configuration."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 def _check_training(result, steps, prompt, sample_length):
@@ -26,7 +15,7 @@ def _check_training(result, steps, prompt, sample_length):
 
 
 def test_char_lstm_example_trains(capsys):
-    example = _load_example("train_char_lstm")
+    example = load_example("train_char_lstm")
     argv = ["--steps", "15", "--batch-size", "4", "--seq-len", "16",
             "--embed-size", "8", "--hidden-size", "32", "--num-layers", "2",
             "--dropout", "0.1", "--lr", "1e-2", "--log-every", "5",
@@ -39,7 +28,7 @@ def test_char_lstm_example_trains(capsys):
 
 
 def test_char_lstm_windows_continue_streams():
-    example = _load_example("train_char_lstm")
+    example = load_example("train_char_lstm")
     ids = np.arange(41)
     batches = example.stream_batches(ids, batch_size=2, seq_len=5)
     first_inputs, first_targets, first_restart = next(batches)
@@ -51,7 +40,7 @@ def test_char_lstm_windows_continue_streams():
 
 
 def test_char_vocabulary_rejects_unknown_character():
-    example = _load_example("train_char_lstm")
+    example = load_example("train_char_lstm")
     vocab = example.CharVocabulary("abc")
     assert vocab.decode(vocab.encode("cab")) == "cab"
     with pytest.raises(ValueError, match=r"\['z'\]"):
@@ -59,7 +48,7 @@ def test_char_vocabulary_rejects_unknown_character():
 
 
 def test_tiny_transformer_example_trains(capsys):
-    example = _load_example("tiny_transformer")
+    example = load_example("tiny_transformer")
     argv = ["--steps", "15", "--batch-size", "4", "--block-size", "16",
             "--d-model", "16", "--nhead", "2", "--num-layers", "1",
             "--lr", "1e-2", "--log-every", "5", "--sample-length", "20"]
@@ -69,7 +58,7 @@ def test_tiny_transformer_example_trains(capsys):
 
 
 def test_tiny_transformer_rejects_long_context():
-    example = _load_example("tiny_transformer")
+    example = load_example("tiny_transformer")
     import gradflow as gf
 
     model = example.TinyTransformer(10, 4, 8, 2, 1, 0.0, gf.device("cpu"))

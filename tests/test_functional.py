@@ -2,30 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import to_host
+from conftest import float64_leaf, match_torch, to_host
 
 import gradflow as gf
 import gradflow.nn.functional as F
-
-
-def _leaf(array, device):
-    return gf.tensor(array, dtype=gf.float64, device=device, requires_grad=True)
-
-
-def _match_torch(gf_fn, torch_fn, arrays, device, rtol=1e-7, atol=1e-9):
-    """Check values and every input gradient of ``gf_fn`` against ``torch_fn``."""
-    torch = pytest.importorskip("torch")
-    ours = [_leaf(a, device) for a in arrays]
-    theirs = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
-    out, expected = gf_fn(*ours), torch_fn(*theirs)
-    np.testing.assert_allclose(to_host(out), expected.detach().numpy(), rtol, atol)
-    seed = np.random.default_rng(1).standard_normal(expected.shape)
-    out.backward(gf.tensor(seed, dtype=gf.float64, device=device))
-    expected.backward(torch.tensor(seed))
-    for mine, reference in zip(ours, theirs):
-        np.testing.assert_allclose(
-            to_host(mine.grad), reference.grad.numpy(), rtol, atol
-        )
 
 
 def _away_from_kinks(shape, rng):
@@ -50,7 +30,7 @@ ACTIVATIONS = [
 @pytest.mark.parametrize("name, ours, torch_name, kwargs", ACTIVATIONS,
                          ids=[a[0] for a in ACTIVATIONS])
 def test_activation_gradcheck(device, name, ours, torch_name, kwargs):
-    x = _leaf(_away_from_kinks((3, 4), np.random.default_rng(0)), device)
+    x = float64_leaf(_away_from_kinks((3, 4), np.random.default_rng(0)), device)
     assert gf.gradcheck(ours, (x,))
 
 
@@ -61,14 +41,14 @@ def test_activation_matches_torch(device, name, ours, torch_name, kwargs):
     reference = getattr(torch.nn.functional, torch_name, None)
     reference = reference or getattr(torch, torch_name)
     x = _away_from_kinks((3, 4), np.random.default_rng(0))
-    _match_torch(ours, lambda t: reference(t, **kwargs), [x], device)
+    match_torch(ours, lambda t: reference(t, **kwargs), [x], [], device)
 
 
 @pytest.mark.parametrize("fn", [F.softmax, F.log_softmax],
                          ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_softmax_gradcheck(device, fn, dim):
-    x = _leaf(np.random.default_rng(0).standard_normal((3, 4, 2)), device)
+    x = float64_leaf(np.random.default_rng(0).standard_normal((3, 4, 2)), device)
     assert gf.gradcheck(lambda t: fn(t, dim=dim), (x,))
 
 
@@ -78,8 +58,8 @@ def test_softmax_matches_torch(device, name, dim):
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).standard_normal((3, 5))
     reference = getattr(torch.nn.functional, name)
-    _match_torch(lambda t: getattr(F, name)(t, dim=dim),
-                 lambda t: reference(t, dim=dim), [x], device)
+    match_torch(lambda t: getattr(F, name)(t, dim=dim),
+                lambda t: reference(t, dim=dim), [x], [], device)
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
@@ -87,8 +67,8 @@ def test_softmax_stable_at_1000(device, name):
     torch = pytest.importorskip("torch")
     x = np.array([[1000.0, -1000.0, 999.0], [-1000.0, -1000.0, -999.0]])
     reference = getattr(torch.nn.functional, name)
-    _match_torch(lambda t: getattr(F, name)(t, dim=1),
-                 lambda t: reference(t, dim=1), [x], device)
+    match_torch(lambda t: getattr(F, name)(t, dim=1),
+                lambda t: reference(t, dim=1), [x], [], device)
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
@@ -106,7 +86,7 @@ def test_softmax_rows_sum_to_one(device):
 
 
 def test_softmax_second_order(device):
-    x = _leaf(np.random.default_rng(0).standard_normal((2, 3)), device)
+    x = float64_leaf(np.random.default_rng(0).standard_normal((2, 3)), device)
     weights = gf.tensor([[1.0, -2.0, 0.5], [0.3, 0.0, 1.0]], dtype=gf.float64,
                         device=device)
     assert gf.gradcheck(
@@ -130,13 +110,13 @@ def test_linear_matches_torch(device):
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal((5, 3)), rng.standard_normal((4, 3)),
               rng.standard_normal(4)]
-    _match_torch(F.linear, torch.nn.functional.linear, arrays, device)
+    match_torch(F.linear, torch.nn.functional.linear, arrays, [], device)
 
 
 def test_linear_gradcheck_batched(device):
     rng = np.random.default_rng(0)
-    x = _leaf(rng.standard_normal((2, 5, 3)), device)
-    w = _leaf(rng.standard_normal((4, 3)), device)
+    x = float64_leaf(rng.standard_normal((2, 5, 3)), device)
+    w = float64_leaf(rng.standard_normal((4, 3)), device)
     assert gf.gradcheck(lambda a, b: F.linear(a, b), (x, w))
 
 
@@ -210,7 +190,7 @@ def test_dropout_rejects_p(device, p):
 
 def test_dropout_second_order(device):
     gf.manual_seed(3)
-    x = _leaf(np.random.default_rng(0).standard_normal(20), device)
+    x = float64_leaf(np.random.default_rng(0).standard_normal(20), device)
 
     def gradient(t):
         # Reseeding inside keeps the mask fixed across gradcheck's evaluations.

@@ -2,41 +2,14 @@
 
 import numpy as np
 import pytest
-from conftest import to_host
+from conftest import float64_leaf, match_torch, to_host
 
 import gradflow as gf
 import gradflow.nn.functional as F
 
 
-def _leaf(array, device):
-    return gf.tensor(array, dtype=gf.float64, device=device, requires_grad=True)
-
-
 def _const(array, device):
     return gf.tensor(array, device=device)
-
-
-def _match_torch(gf_fn, torch_fn, arrays, constants, device, rtol=1e-7, atol=1e-9):
-    """Check the loss and the gradient of every float input against PyTorch.
-
-    ``arrays`` are differentiable float64 inputs; ``constants`` (integer
-    targets and the like) pass to both sides unchanged.
-    """
-    torch = pytest.importorskip("torch")
-    ours = [_leaf(a, device) for a in arrays]
-    theirs = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
-    our_constants = [_const(c, device) for c in constants]
-    their_constants = [torch.tensor(c) for c in constants]
-    out = gf_fn(*ours, *our_constants)
-    expected = torch_fn(*theirs, *their_constants)
-    np.testing.assert_allclose(to_host(out), expected.detach().numpy(), rtol, atol)
-    seed = np.random.default_rng(1).standard_normal(expected.shape)
-    out.backward(gf.tensor(seed, dtype=gf.float64, device=device))
-    expected.backward(torch.tensor(seed))
-    for mine, reference in zip(ours, theirs):
-        np.testing.assert_allclose(
-            to_host(mine.grad), reference.grad.numpy(), rtol, atol
-        )
 
 
 RNG = np.random.default_rng(0)
@@ -67,7 +40,7 @@ CE_CASES = [
 def test_cross_entropy_matches_torch(device, reduction, name, kwargs, target):
     torch = pytest.importorskip("torch")
     kwargs = dict(kwargs, reduction=reduction)
-    _match_torch(
+    match_torch(
         lambda x, t: F.cross_entropy(x, t, **kwargs),
         lambda x, t: torch.nn.functional.cross_entropy(x, t, **kwargs),
         [LOGITS_2D], [target], device,
@@ -80,7 +53,7 @@ def test_cross_entropy_matches_torch(device, reduction, name, kwargs, target):
 def test_cross_entropy_weight_matches_torch(device, reduction, smoothing, target):
     torch = pytest.importorskip("torch")
     kwargs = {"reduction": reduction, "label_smoothing": smoothing}
-    _match_torch(
+    match_torch(
         lambda x, t, w: F.cross_entropy(x, t, weight=w, **kwargs),
         lambda x, t, w: torch.nn.functional.cross_entropy(x, t, weight=w, **kwargs),
         [LOGITS_2D], [target, CLASS_WEIGHT], device,
@@ -95,7 +68,7 @@ def test_cross_entropy_spatial_matches_torch(device, reduction, smoothing):
     target[0, 0, 1] = -100
     weight = np.array([1.0, 0.5, 3.0])
     kwargs = {"reduction": reduction, "label_smoothing": smoothing}
-    _match_torch(
+    match_torch(
         lambda x, t, w: F.cross_entropy(x, t, weight=w, **kwargs),
         lambda x, t, w: torch.nn.functional.cross_entropy(x, t, weight=w, **kwargs),
         [LOGITS_4D], [target, weight], device,
@@ -117,25 +90,25 @@ def test_cross_entropy_probabilities_matches_torch(device, reduction, smoothing,
     def theirs(x, p, *weight):
         return torch.nn.functional.cross_entropy(x, p, *weight, **kwargs)
 
-    _match_torch(ours, theirs, [LOGITS_2D, PROBABILITIES], constants, device)
+    match_torch(ours, theirs, [LOGITS_2D, PROBABILITIES], constants, device)
 
 
 def test_cross_entropy_probabilities_spatial(device):
     torch = pytest.importorskip("torch")
     probabilities = np.moveaxis(RNG.dirichlet(np.ones(3), (2, 2, 2)), -1, 1)
-    _match_torch(F.cross_entropy, torch.nn.functional.cross_entropy,
-                 [LOGITS_4D, probabilities], [], device)
+    match_torch(F.cross_entropy, torch.nn.functional.cross_entropy,
+                [LOGITS_4D, probabilities], [], device)
 
 
 def test_cross_entropy_unbatched(device):
     torch = pytest.importorskip("torch")
-    _match_torch(F.cross_entropy, torch.nn.functional.cross_entropy,
-                 [LOGITS_2D[0]], [np.array(2)], device)
+    match_torch(F.cross_entropy, torch.nn.functional.cross_entropy,
+                [LOGITS_2D[0]], [np.array(2)], device)
 
 
 def test_cross_entropy_gradcheck(device):
-    x = _leaf(LOGITS_2D, device)
-    w = _leaf(CLASS_WEIGHT, device)
+    x = float64_leaf(LOGITS_2D, device)
+    w = float64_leaf(CLASS_WEIGHT, device)
     target = _const(TARGET_IGNORED, device)
     assert gf.gradcheck(
         lambda a, b: F.cross_entropy(a, target, weight=b, label_smoothing=0.1), (x, w)
@@ -143,8 +116,8 @@ def test_cross_entropy_gradcheck(device):
 
 
 def test_cross_entropy_probabilities_gradcheck(device):
-    x = _leaf(LOGITS_2D, device)
-    p = _leaf(PROBABILITIES, device)
+    x = float64_leaf(LOGITS_2D, device)
+    p = float64_leaf(PROBABILITIES, device)
     assert gf.gradcheck(lambda a, b: F.cross_entropy(a, b, label_smoothing=0.1), (x, p))
 
 
@@ -181,14 +154,14 @@ def test_nll_loss_matches_torch(device, reduction, weighted, target):
     torch = pytest.importorskip("torch")
     log_probs = LOGITS_2D - np.log(np.exp(LOGITS_2D).sum(1, keepdims=True))
     if weighted:
-        _match_torch(
+        match_torch(
             lambda x, t, w: F.nll_loss(x, t, weight=w, reduction=reduction),
             lambda x, t, w: torch.nn.functional.nll_loss(x, t, weight=w,
                                                          reduction=reduction),
             [log_probs], [target, CLASS_WEIGHT], device,
         )
     else:
-        _match_torch(
+        match_torch(
             lambda x, t: F.nll_loss(x, t, reduction=reduction),
             lambda x, t: torch.nn.functional.nll_loss(x, t, reduction=reduction),
             [log_probs], [target], device,
@@ -197,14 +170,14 @@ def test_nll_loss_matches_torch(device, reduction, weighted, target):
 
 def test_nll_loss_spatial_matches_torch(device):
     torch = pytest.importorskip("torch")
-    _match_torch(F.nll_loss, torch.nn.functional.nll_loss, [LOGITS_4D], [TARGET_4D],
-                 device)
+    match_torch(F.nll_loss, torch.nn.functional.nll_loss, [LOGITS_4D], [TARGET_4D],
+                device)
 
 
 def test_nll_loss_unbatched(device):
     torch = pytest.importorskip("torch")
-    _match_torch(F.nll_loss, torch.nn.functional.nll_loss, [LOGITS_2D[0]],
-                 [np.array(3)], device)
+    match_torch(F.nll_loss, torch.nn.functional.nll_loss, [LOGITS_2D[0]],
+                [np.array(3)], device)
 
 
 def test_nll_loss_module(device):
@@ -305,7 +278,7 @@ def test_loss_module_rejects_reduction(module):
 def test_mse_loss_matches_torch(device, reduction):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
-    _match_torch(
+    match_torch(
         lambda x, t: F.mse_loss(x, t, reduction=reduction),
         lambda x, t: torch.nn.functional.mse_loss(x, t, reduction=reduction),
         [rng.standard_normal((3, 4)), rng.standard_normal((3, 4))], [], device,
@@ -314,7 +287,8 @@ def test_mse_loss_matches_torch(device, reduction):
 
 def test_mse_loss_gradcheck(device):
     rng = np.random.default_rng(2)
-    x, t = _leaf(rng.standard_normal(5), device), _leaf(rng.standard_normal(5), device)
+    x = float64_leaf(rng.standard_normal(5), device)
+    t = float64_leaf(rng.standard_normal(5), device)
     assert gf.gradcheck(F.mse_loss, (x, t))
 
 
@@ -344,7 +318,7 @@ BINARY_TARGET = np.array([[0.0, 1.0, 0.3], [1.0, 0.0, 0.6]])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_matches_torch(device, reduction):
     torch = pytest.importorskip("torch")
-    _match_torch(
+    match_torch(
         lambda x, t: F.binary_cross_entropy(x, t, reduction=reduction),
         lambda x, t: torch.nn.functional.binary_cross_entropy(
             x, t, reduction=reduction),
@@ -355,7 +329,7 @@ def test_bce_matches_torch(device, reduction):
 def test_bce_weight_matches_torch(device):
     torch = pytest.importorskip("torch")
     weight = np.array([1.0, 2.0, 0.5])
-    _match_torch(
+    match_torch(
         lambda x, t: F.binary_cross_entropy(
             x, t, weight=gf.tensor(weight, device=device)),
         lambda x, t: torch.nn.functional.binary_cross_entropy(
@@ -368,7 +342,7 @@ def test_bce_endpoints_match_torch(device):
     torch = pytest.importorskip("torch")
     x_values = np.array([0.0, 1.0, 0.0, 1.0])
     target = np.array([1.0, 0.0, 0.0, 1.0])
-    x = _leaf(x_values, device)
+    x = float64_leaf(x_values, device)
     loss = F.binary_cross_entropy(x, _const(target, device), reduction="sum")
     loss.backward()
     x_torch = torch.tensor(x_values, requires_grad=True)
@@ -381,7 +355,7 @@ def test_bce_endpoints_match_torch(device):
 
 def test_bce_gradcheck(device):
     # Targets stay inside (0, 1), so the finite-difference steps do too.
-    x, t = _leaf(PROBS, device), _leaf(0.1 + 0.8 * BINARY_TARGET, device)
+    x, t = float64_leaf(PROBS, device), float64_leaf(0.1 + 0.8 * BINARY_TARGET, device)
     assert gf.gradcheck(F.binary_cross_entropy, (x, t))
 
 
@@ -416,7 +390,7 @@ LOGITS = np.array([[-3.0, 0.5, 40.0], [2.0, -60.0, 0.0]])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_logits_matches_torch(device, reduction):
     torch = pytest.importorskip("torch")
-    _match_torch(
+    match_torch(
         lambda x, t: F.binary_cross_entropy_with_logits(x, t, reduction=reduction),
         lambda x, t: torch.nn.functional.binary_cross_entropy_with_logits(
             x, t, reduction=reduction),
@@ -428,7 +402,7 @@ def test_bce_logits_weights_match_torch(device):
     torch = pytest.importorskip("torch")
     weight = np.array([[1.0, 0.5, 2.0]])
     pos_weight = np.array([3.0, 0.5, 1.5])
-    _match_torch(
+    match_torch(
         lambda x, t, w, p: F.binary_cross_entropy_with_logits(x, t, w, pos_weight=p),
         lambda x, t, w, p: torch.nn.functional.binary_cross_entropy_with_logits(
             x, t, w, pos_weight=p),
@@ -437,9 +411,9 @@ def test_bce_logits_weights_match_torch(device):
 
 
 def test_bce_logits_gradcheck(device):
-    x, t = _leaf(LOGITS / 10, device), _leaf(BINARY_TARGET, device)
-    w = _leaf(np.array([[1.0, 0.5, 2.0]]), device)
-    p = _leaf(np.array([3.0, 0.5, 1.5]), device)
+    x, t = float64_leaf(LOGITS / 10, device), float64_leaf(BINARY_TARGET, device)
+    w = float64_leaf(np.array([[1.0, 0.5, 2.0]]), device)
+    p = float64_leaf(np.array([3.0, 0.5, 1.5]), device)
     assert gf.gradcheck(
         lambda a, b, c, d: F.binary_cross_entropy_with_logits(a, b, c, pos_weight=d),
         (x, t, w, p),
@@ -481,7 +455,7 @@ def _input_gradient(loss_fn):
 
 
 def test_cross_entropy_second_order(device):
-    x = _leaf(LOGITS_2D, device)
+    x = float64_leaf(LOGITS_2D, device)
     target = _const(TARGET_IGNORED, device)
     weight = _const(CLASS_WEIGHT, device)
     loss = _input_gradient(
@@ -491,14 +465,14 @@ def test_cross_entropy_second_order(device):
 
 
 def test_bce_second_order(device):
-    x = _leaf(PROBS, device)
+    x = float64_leaf(PROBS, device)
     target = _const(0.1 + 0.8 * BINARY_TARGET, device)
     assert gf.gradcheck(_input_gradient(lambda a: F.binary_cross_entropy(a, target)),
                         (x,))
 
 
 def test_bce_logits_second_order(device):
-    x = _leaf(LOGITS / 10, device)
+    x = float64_leaf(LOGITS / 10, device)
     target = _const(BINARY_TARGET, device)
     pos_weight = _const(np.array([3.0, 0.5, 1.5]), device)
     loss = _input_gradient(

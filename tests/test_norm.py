@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from conftest import to_host
+from conftest import assert_matches_torch, to_host
 from gradflow.nn._norm import (
     BatchNorm1d, BatchNorm2d, LayerNorm, batch_norm, layer_norm,
 )
@@ -16,20 +16,6 @@ BATCH_NORM_CASES = [
 ]
 
 LAYERS = {"BatchNorm1d": BatchNorm1d, "BatchNorm2d": BatchNorm2d}
-
-
-def _step(layer, reference, x, grad_out, device):
-    """Run one forward and backward through both; return the gf input gradient."""
-    torch = pytest.importorskip("torch")
-    x_gf = gf.tensor(x, device=device, requires_grad=True)
-    out = layer(x_gf)
-    out.backward(gf.tensor(grad_out, device=device))
-    x_torch = torch.tensor(x, requires_grad=True)
-    expected = reference(x_torch)
-    expected.backward(torch.tensor(grad_out))
-    np.testing.assert_allclose(to_host(out.detach()), expected.detach().numpy(),
-                               atol=1e-10)
-    np.testing.assert_allclose(to_host(x_gf.grad), x_torch.grad.numpy(), atol=1e-10)
 
 
 def _assert_state_matches(layer, reference):
@@ -56,7 +42,8 @@ def test_batch_norm_matches_torch(device, name, shape, momentum):
         layer.zero_grad()
         reference.zero_grad()
         x = rng.standard_normal(shape) * 2 + 1
-        _step(layer, reference, x, rng.standard_normal(shape), device)
+        assert_matches_torch(layer, reference, x, rng.standard_normal(shape), device,
+                             atol=1e-10)
         _assert_state_matches(layer, reference)
 
 
@@ -68,8 +55,8 @@ def test_batch_norm_without_running_stats_matches_torch(device):
     reference.double().eval()
     rng = np.random.default_rng(6)
     shape = (2, 3, 4, 4)
-    _step(layer.to(device), reference, rng.standard_normal(shape),
-          rng.standard_normal(shape), device)
+    assert_matches_torch(layer.to(device), reference, rng.standard_normal(shape),
+                         rng.standard_normal(shape), device, atol=1e-10)
     assert layer.running_mean is None
 
 
@@ -82,8 +69,8 @@ def test_layer_norm_matches_torch(device):
         reference.weight.copy_(torch.tensor(rng.standard_normal((3, 4))))
     layer.weight.data[...] = layer.weight.device.xp.asarray(
         reference.weight.detach().numpy())
-    _step(layer, reference, rng.standard_normal((2, 3, 4)),
-          rng.standard_normal((2, 3, 4)), device)
+    assert_matches_torch(layer, reference, rng.standard_normal((2, 3, 4)),
+                         rng.standard_normal((2, 3, 4)), device, atol=1e-10)
     _assert_state_matches(layer, reference)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
-from conftest import to_host
+from conftest import assert_matches_torch, to_host
 from gradflow.nn._pool import (
     AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, adaptive_avg_pool2d, avg_pool2d,
     max_pool2d,
@@ -33,19 +33,9 @@ ADAPTIVE_SIZES = [1, (2, 3), (3, None), (5, 7), (7, 8)]
 
 
 def _compare_with_torch(gf_fn, torch_fn, shape, device):
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
     x = rng.standard_normal(shape)
-    x_gf = gf.tensor(x, device=device, requires_grad=True)
-    out = gf_fn(x_gf)
-    grad_out = rng.standard_normal(out.shape)
-    out.backward(gf.tensor(grad_out, device=device))
-    x_torch = torch.tensor(x, requires_grad=True)
-    expected = torch_fn(x_torch)
-    expected.backward(torch.tensor(grad_out))
-    np.testing.assert_allclose(to_host(out.detach()), expected.detach().numpy(),
-                               atol=1e-12)
-    np.testing.assert_allclose(to_host(x_gf.grad), x_torch.grad.numpy(), atol=1e-12)
+    assert_matches_torch(gf_fn, torch_fn, x, rng.standard_normal, device, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", MAX_CASES)

@@ -2,23 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import to_host
+from conftest import assert_close, device_tensor, load_torch_state, to_host
 
 import gradflow as gf
 from gradflow.errors import GraphFreedError
-
-
-def _tensor(array, device, requires_grad=False):
-    return gf.tensor(array, device=device, requires_grad=requires_grad)
-
-
-def _load_from_torch(module, torch_module):
-    state = torch_module.state_dict()
-    module.load_state_dict({n: gf.tensor(p.numpy()) for n, p in state.items()})
-
-
-def _assert_close(actual, expected, tol=1e-10):
-    np.testing.assert_allclose(to_host(actual), expected, rtol=tol, atol=tol)
 
 
 def _flatten(result):
@@ -78,24 +65,25 @@ def test_sequence_layer_matches_torch(case, device):
     name, kwargs, shape, state_kind = SEQUENCE_CASES[case]
     reference = getattr(torch.nn, name)(4, 6, **kwargs).double()
     layer = getattr(gf.nn, name)(4, 6, device=device, dtype=gf.float64, **kwargs)
-    _load_from_torch(layer, reference)
+    load_torch_state(layer, reference)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape)
     state = _initial_state(state_kind, layer, shape, rng)
     torch_x = torch.tensor(x, requires_grad=True)
-    gf_x = _tensor(x, device, requires_grad=True)
+    gf_x = device_tensor(x, device, requires_grad=True)
     expected = _flatten(reference(torch_x, *_convert_state(state, torch.tensor)))
-    got = _flatten(layer(gf_x, *_convert_state(state, lambda a: _tensor(a, device))))
+    gf_state = _convert_state(state, lambda a: device_tensor(a, device))
+    got = _flatten(layer(gf_x, *gf_state))
     weights = [rng.standard_normal(tuple(t.shape)) for t in expected]
     _weighted_sum(expected, weights, torch.tensor).backward()
-    _weighted_sum(got, weights, lambda w: _tensor(w, device)).backward()
+    _weighted_sum(got, weights, lambda w: device_tensor(w, device)).backward()
     for mine, theirs in zip(got, expected):
         assert tuple(mine.shape) == tuple(theirs.shape)
-        _assert_close(mine, theirs.detach().numpy())
-    _assert_close(gf_x.grad, torch_x.grad.numpy())
+        assert_close(mine, theirs.detach().numpy())
+    assert_close(gf_x.grad, torch_x.grad.numpy())
     for (param_name, param), (_, theirs) in zip(layer.named_parameters(),
                                                 reference.named_parameters()):
-        _assert_close(param.grad, theirs.grad.numpy())
+        assert_close(param.grad, theirs.grad.numpy())
 
 
 CELL_CASES = {
@@ -113,25 +101,25 @@ def test_cell_matches_torch(case, device):
     name, kwargs = CELL_CASES[case]
     reference = getattr(torch.nn, name)(4, 6, **kwargs).double()
     cell = getattr(gf.nn, name)(4, 6, device=device, dtype=gf.float64, **kwargs)
-    _load_from_torch(cell, reference)
+    load_torch_state(cell, reference)
     rng = np.random.default_rng(1)
     x, h, c = (rng.standard_normal(s) for s in [(3, 4), (3, 6), (3, 6)])
     state = (h, c) if name == "LSTMCell" else h
     torch_x = torch.tensor(x, requires_grad=True)
-    gf_x = _tensor(x, device, requires_grad=True)
+    gf_x = device_tensor(x, device, requires_grad=True)
     expected = reference(torch_x, *_convert_state(state, torch.tensor))
-    got = cell(gf_x, *_convert_state(state, lambda a: _tensor(a, device)))
+    got = cell(gf_x, *_convert_state(state, lambda a: device_tensor(a, device)))
     expected = list(expected) if isinstance(expected, tuple) else [expected]
     got = list(got) if isinstance(got, tuple) else [got]
     weights = [rng.standard_normal((3, 6)) for _ in expected]
     _weighted_sum(expected, weights, torch.tensor).backward()
-    _weighted_sum(got, weights, lambda w: _tensor(w, device)).backward()
+    _weighted_sum(got, weights, lambda w: device_tensor(w, device)).backward()
     for mine, theirs in zip(got, expected):
-        _assert_close(mine, theirs.detach().numpy())
-    _assert_close(gf_x.grad, torch_x.grad.numpy())
+        assert_close(mine, theirs.detach().numpy())
+    assert_close(gf_x.grad, torch_x.grad.numpy())
     for (param_name, param), (_, theirs) in zip(cell.named_parameters(),
                                                 reference.named_parameters()):
-        _assert_close(param.grad, theirs.grad.numpy())
+        assert_close(param.grad, theirs.grad.numpy())
 
 
 GRADCHECK_CASES = {
@@ -222,14 +210,14 @@ def test_bptt_across_calls_equals_one_call(device):
     whole = gf.nn.LSTM(3, 4, device=device, dtype=gf.float64)
     split = gf.nn.LSTM(3, 4, device=device, dtype=gf.float64)
     split.load_state_dict(whole.state_dict())
-    out, _ = whole(_tensor(x, device))
+    out, _ = whole(device_tensor(x, device))
     (out * out).sum().backward()
-    first, state = split(_tensor(x[:3], device))
-    second, _ = split(_tensor(x[3:], device), state)
+    first, state = split(device_tensor(x[:3], device))
+    second, _ = split(device_tensor(x[3:], device), state)
     ((first * first).sum() + (second * second).sum()).backward()
     for (name, mine), (_, theirs) in zip(split.named_parameters(),
                                          whole.named_parameters()):
-        _assert_close(mine.grad, to_host(theirs.grad))
+        assert_close(mine.grad, to_host(theirs.grad))
 
 
 def test_truncated_bptt_stops_at_detached_state(device):
@@ -238,18 +226,18 @@ def test_truncated_bptt_stops_at_detached_state(device):
     layer = gf.nn.GRU(3, 4, device=device, dtype=gf.float64)
     fresh = gf.nn.GRU(3, 4, device=device, dtype=gf.float64)
     fresh.load_state_dict(layer.state_dict())
-    first, h = layer(_tensor(x[:3], device))
+    first, h = layer(device_tensor(x[:3], device))
     first.sum().backward()
     layer.zero_grad()
     h = h.detach()
-    second, _ = layer(_tensor(x[3:], device), h)
+    second, _ = layer(device_tensor(x[3:], device), h)
     second.sum().backward()
-    constant_h = _tensor(to_host(h), device)
-    expected, _ = fresh(_tensor(x[3:], device), constant_h)
+    constant_h = device_tensor(to_host(h), device)
+    expected, _ = fresh(device_tensor(x[3:], device), constant_h)
     expected.sum().backward()
     for (name, mine), (_, theirs) in zip(layer.named_parameters(),
                                          fresh.named_parameters()):
-        _assert_close(mine.grad, to_host(theirs.grad))
+        assert_close(mine.grad, to_host(theirs.grad))
 
 
 @pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
@@ -301,7 +289,7 @@ def test_dropout_between_layers(device):
     evaluated, _ = layer(x)
     expected, _ = plain(x)
     assert not np.allclose(to_host(first), to_host(second))
-    _assert_close(evaluated, to_host(expected), tol=0)
+    assert_close(evaluated, to_host(expected), tol=0)
 
 
 def test_single_layer_ignores_dropout(device):
@@ -309,7 +297,7 @@ def test_single_layer_ignores_dropout(device):
     x = gf.randn(4, 2, 3, device=device)
     first, _ = layer(x)
     second, _ = layer(x)
-    _assert_close(first, to_host(second), tol=0)
+    assert_close(first, to_host(second), tol=0)
 
 
 def test_invalid_arguments_raise():

@@ -1,12 +1,12 @@
 """Tests of examples/train_digits.py: a short run in-process, MNIST files, --help."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import load_example
 
 import gradflow as gf
 
@@ -22,10 +22,7 @@ MIN_ACCURACY = 0.85
 def example():
     pytest.importorskip("sklearn")
     pytest.importorskip("tqdm")
-    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_digits")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from .. import memory
 from .._tensor import Tensor, make_tensor
 from ..autograd import Function, _engine, _function, _grad_mode
 from ._revolve import binomial_schedule
+from ._sequential import chain
 
 __all__ = ["run_binomial"]
 
@@ -21,7 +22,7 @@ def run_binomial(layers, x, snapshots, counter=None):
     first_reverse = next(i for i, a in enumerate(actions) if a[0] == "reverse")
     runner = _Runner(layers, actions, first_reverse, counter)
     if not _grad_mode.is_grad_enabled():
-        return _chain(layers, x)
+        return chain(layers)(x)
     state, last = runner.forward_sweep(x)
     params = runner.parameters
     if not x._requires_grad and not any(p._requires_grad for p in params):
@@ -180,9 +181,3 @@ def _step_backward(step, grad, params, totals):
             key = id(param)
             totals[key] = g.data if key not in totals else totals[key] + g.data
     return found[0].data
-
-
-def _chain(layers, x):
-    for layer in layers:
-        x = layer(x)
-    return x

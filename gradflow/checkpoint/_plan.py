@@ -29,6 +29,7 @@ from ..autograd import _grad_mode
 from ._chain_reversal import run_binomial
 from ._region import checkpoint
 from ._revolve import binomial_forward_count
+from ._sequential import chain, list_layers
 
 __all__ = ["CheckpointPlan", "LayerProfile", "checkpoint_plan"]
 
@@ -96,7 +97,7 @@ class CheckpointPlan:
         if self.kind == "binomial":
             return run_binomial(layers, x, self.snapshots, self.counter)
         for start, stop, checkpointed in self.segments:
-            run = _chain(layers[start:stop])
+            run = chain(layers[start:stop])
             x = checkpoint(run, x) if checkpointed else run(x)
         return x
 
@@ -429,19 +430,7 @@ def _best_binomial(profiles, budget_bytes):
 
 
 def _layers_of(model):
-    if hasattr(model, "children") and callable(model.children):
-        layers = list(model.children())
-    else:
-        layers = list(model)
+    layers = list_layers(model)
     if not layers:
         raise ValueError("checkpoint_plan: the model contains no layer.")
     return layers
-
-
-def _chain(layers):
-    def run(x):
-        for layer in layers:
-            x = layer(x)
-        return x
-
-    return run

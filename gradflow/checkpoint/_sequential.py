@@ -32,7 +32,7 @@ def checkpoint_sequential(functions, segments, input, preserve_rng_state=True,
     bounds = segment_bounds(len(layers), segments)
     out = input
     for index, (start, stop) in enumerate(bounds):
-        run = _chain(layers[start:stop])
+        run = chain(layers[start:stop])
         if index == len(bounds) - 1:
             out = run(out)
         else:
@@ -53,11 +53,15 @@ def segment_bounds(count, segments):
     return bounds
 
 
+def list_layers(model):
+    """Return the children of a Module, or the items of any other iterable."""
+    if hasattr(model, "children") and callable(model.children):
+        return list(model.children())
+    return list(model)
+
+
 def _as_layers(functions):
-    if hasattr(functions, "children") and callable(functions.children):
-        layers = list(functions.children())
-    else:
-        layers = list(functions)
+    layers = list_layers(functions)
     for i, layer in enumerate(layers):
         if not callable(layer):
             raise TypeError(
@@ -69,7 +73,9 @@ def _as_layers(functions):
     return layers
 
 
-def _chain(layers):
+def chain(layers):
+    """Return a function that applies ``layers`` in order."""
+
     def run(x):
         for layer in layers:
             x = layer(x)

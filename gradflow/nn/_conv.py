@@ -407,6 +407,17 @@ class _ConvNd(Module):
         return text
 
 
+def _geometry_tuples(op, to_tuple, kernel_size, stride, padding, dilation):
+    """Convert the size arguments with ``to_tuple``, keeping a string padding as is.
+
+    Padding is converted first, so it is the one reported when several are invalid.
+    """
+    if not isinstance(padding, str):
+        padding = to_tuple(op, "padding", padding)
+    return (to_tuple(op, "kernel_size", kernel_size), to_tuple(op, "stride", stride),
+            padding, to_tuple(op, "dilation", dilation))
+
+
 class Conv2d(_ConvNd):
     """A 2-D convolution layer over (N, C, H, W) input; see ``conv2d``.
 
@@ -422,14 +433,12 @@ class Conv2d(_ConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, padding_mode="zeros",
                  device=None, dtype=None):
-        op = "Conv2d"
-        if not isinstance(padding, str):
-            padding = as_pair(op, "padding", padding)
+        kernel_size, stride, padding, dilation = _geometry_tuples(
+            "Conv2d", as_pair, kernel_size, stride, padding, dilation
+        )
         super().__init__(
-            in_channels, out_channels, as_pair(op, "kernel_size", kernel_size),
-            as_pair(op, "stride", stride), padding,
-            as_pair(op, "dilation", dilation), groups, bias, padding_mode,
-            device, dtype,
+            in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias, padding_mode, device, dtype,
         )
 
     def forward(self, input):
@@ -457,14 +466,12 @@ class Conv1d(_ConvNd):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, padding_mode="zeros",
                  device=None, dtype=None):
-        op = "Conv1d"
-        if not isinstance(padding, str):
-            padding = _single(op, "padding", padding)
+        kernel_size, stride, padding, dilation = _geometry_tuples(
+            "Conv1d", _single, kernel_size, stride, padding, dilation
+        )
         super().__init__(
-            in_channels, out_channels, _single(op, "kernel_size", kernel_size),
-            _single(op, "stride", stride), padding,
-            _single(op, "dilation", dilation), groups, bias, padding_mode,
-            device, dtype,
+            in_channels, out_channels, kernel_size, stride, padding, dilation,
+            groups, bias, padding_mode, device, dtype,
         )
 
     def forward(self, input):

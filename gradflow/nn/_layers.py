@@ -183,32 +183,29 @@ class Softplus(Module):
         return f"beta={self.beta}, threshold={self.threshold}"
 
 
-class Softmax(Module):
-    """Apply softmax along ``dim``."""
+class _AlongDim(Module):
+    """Base of the modules that normalize along one axis, ``dim``."""
 
     def __init__(self, dim=-1):
         super().__init__()
         self.dim = dim
+
+    def extra_repr(self):
+        return f"dim={self.dim}"
+
+
+class Softmax(_AlongDim):
+    """Apply softmax along ``dim``."""
 
     def forward(self, x):
         return softmax(x, dim=self.dim)
 
-    def extra_repr(self):
-        return f"dim={self.dim}"
 
-
-class LogSoftmax(Module):
+class LogSoftmax(_AlongDim):
     """Apply log_softmax along ``dim``."""
-
-    def __init__(self, dim=-1):
-        super().__init__()
-        self.dim = dim
 
     def forward(self, x):
         return log_softmax(x, dim=self.dim)
-
-    def extra_repr(self):
-        return f"dim={self.dim}"
 
 
 class Dropout(Module):
@@ -225,7 +222,25 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
-class Sequential(Module):
+class _ModuleSequence(Module):
+    """Base of the ordered containers: ``len``, iteration in order and ``append``.
+
+    ``append`` names the new child ``str(len(self))``.
+    """
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def append(self, module):
+        """Add ``module`` at the end and return self."""
+        self.add_module(str(len(self)), module)
+        return self
+
+
+class Sequential(_ModuleSequence):
     """Run modules one after another, each on the previous one's output.
 
     Takes modules as arguments (named "0", "1", ...) or one dict of named
@@ -271,17 +286,6 @@ class Sequential(Module):
         for position, module in enumerate(modules):
             self._modules[str(position)] = module
 
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module):
-        """Add ``module`` at the end and return self."""
-        self.add_module(str(len(self)), module)
-        return self
-
 
 def _position(container, index):
     """Return ``index`` (possibly negative) as a position in ``container``."""
@@ -301,7 +305,7 @@ def _position(container, index):
     return index % size
 
 
-class ModuleList(Module):
+class ModuleList(_ModuleSequence):
     """A list of modules whose parameters the parent module registers.
 
     It has no forward; index or iterate it inside the owner's forward.
@@ -328,17 +332,6 @@ class ModuleList(Module):
             del modules[_position(self, index)]
         self._modules.clear()
         self.extend(modules)
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module):
-        """Add ``module`` at the end and return self."""
-        self.add_module(str(len(self)), module)
-        return self
 
     def extend(self, modules):
         """Append every module of the iterable ``modules`` and return self."""

@@ -158,22 +158,16 @@ class Module:
 
     def __setattr__(self, name, value):
         tables = self.__dict__.get("_parameters")
-        if isinstance(value, Parameter):
+        if isinstance(value, (Parameter, Module)):
+            kind, table = (("Parameter", "_parameters") if isinstance(value, Parameter)
+                           else ("Module", "_modules"))
             if tables is None:
                 raise AttributeError(
-                    "cannot assign a Parameter before Module.__init__(); call "
+                    f"cannot assign a {kind} before Module.__init__(); call "
                     "super().__init__() first."
                 )
-            self._forget(name, keep="_parameters")
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            if tables is None:
-                raise AttributeError(
-                    "cannot assign a Module before Module.__init__(); call "
-                    "super().__init__() first."
-                )
-            self._forget(name, keep="_modules")
-            self._modules[name] = value
+            self._forget(name, keep=table)
+            self.__dict__[table][name] = value
         elif tables is not None and name in self._parameters:
             self._assign_to_parameter(name, value)
         elif tables is not None and name in self._modules:
