@@ -43,8 +43,9 @@ GELU_CUBIC = 0.044715
 
 @numba.njit(cache=True, error_model="numpy")
 def relu(out, grad, a, b):
-    # relu'(0) = 0: the saved output is 0 wherever the input was <= 0.
-    return grad if out > 0.0 else 0.0
+    # relu'(0) = 0: the saved output is 0 wherever the input was <= 0. A NaN
+    # output fails the test, so its gradient passes through, as in PyTorch.
+    return 0.0 if out <= 0.0 else grad
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -33,7 +33,7 @@ __all__ = ["KERNELS", "activation_backward", "launch_activation", "run_on_host"]
 @cuda.jit
 def relu_backward(out_saved, grad, out, a, b):
     for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
-        out[i] = grad[i] if out_saved[i] > 0.0 else 0.0
+        out[i] = 0.0 if out_saved[i] <= 0.0 else grad[i]
 
 
 @cuda.jit

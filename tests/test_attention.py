@@ -372,3 +372,14 @@ def test_encoder_layer_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         gf.nn.TransformerEncoderLayer(8, 2, activation="swish")
 
+
+
+def test_encoder_copies_keep_dtype_and_mode():
+    layer = gf.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16).double()
+    layer.eval()
+    encoder = gf.nn.TransformerEncoder(layer, 2)
+    copy = encoder.layers[1]
+    assert copy.linear1.weight.dtype == np.float64
+    assert not copy.training
+    assert copy.linear1.weight is not layer.linear1.weight
+    assert np.array_equal(to_host(copy.linear1.weight), to_host(layer.linear1.weight))

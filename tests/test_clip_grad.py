@@ -391,3 +391,20 @@ def test_value_keeps_nan():
 def test_value_rejects_negative():
     with pytest.raises(ValueError, match="clip_value"):
         clip_grad_value_(_parameters([(3,)]), -1.0)
+
+
+def test_norm_beyond_float32_range_raises():
+    # The float64 norm (about 6e38) is finite but reads as inf in float32.
+    param = gf.zeros(4, requires_grad=True)
+    param.grad = gf.tensor(np.full(4, 3e38, np.float32))
+    with pytest.raises(RuntimeError, match="overflows float32"):
+        clip_grad_norm_([param], 1.0, error_if_nonfinite=True)
+    assert np.all(to_host(param.grad) == np.float32(3e38))
+
+
+def test_norm_beyond_float32_range_returns_inf():
+    param = gf.zeros(4, requires_grad=True)
+    param.grad = gf.tensor(np.full(4, 3e38, np.float32))
+    norm = clip_grad_norm_([param], 1.0)
+    assert norm.dtype == np.float32
+    assert np.isinf(norm.item())

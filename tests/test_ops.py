@@ -449,6 +449,28 @@ def test_relu_grad_at_zero(device):
     assert _grad_at(gf.relu, [0.0], device)[0] == 0.0
 
 
+def test_relu_grad_passes_nan(device):
+    # PyTorch zeroes the gradient only where the output is <= 0.
+    assert _grad_at(gf.relu, [float("nan")], device)[0] == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_fused_grad_passes_nan(dtype):
+    import gradflow_kernels
+
+    size = gradflow_kernels.CPU_MIN_SIZE
+    values = np.zeros(size, dtype=dtype)
+    values[[0, 5]] = np.nan
+    values[7] = 2.0
+    x = gf.tensor(values, requires_grad=True)
+    gf.relu(x).sum().backward()
+    grad = to_host(x.grad)
+    assert grad[0] == 1.0
+    assert grad[5] == 1.0
+    assert grad[7] == 1.0
+    assert grad[1] == 0.0
+
+
 def test_abs_grad_at_zero(device):
     assert _grad_at(gf.abs, [0.0], device)[0] == 0.0
 

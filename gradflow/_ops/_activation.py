@@ -37,8 +37,9 @@ class Relu(Function):
 
 
 def _relu_grad(xp, out, grad):
-    # NOTE: relu'(0) = 0, as in PyTorch: out > 0 is false at 0.
-    return xp.where(out > 0, grad, 0)
+    # NOTE: relu'(0) = 0 as in PyTorch. Testing out <= 0 (not out > 0) also
+    # passes the gradient through a NaN, which is what PyTorch does.
+    return xp.where(out <= 0, 0, grad)
 
 
 class LeakyRelu(Function):

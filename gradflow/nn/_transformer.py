@@ -92,10 +92,10 @@ class TransformerEncoderLayer(Module):
         return self.dropout2(self.linear2(hidden))
 
     def clone(self):
-        """Return a new layer with this one's settings and a copy of its weights."""
-        twin = type(self)(**self._config)
-        twin.load_state_dict(self.state_dict())
-        return twin
+        """Return a deep copy: same settings, weights, dtype, device and mode."""
+        import copy
+
+        return copy.deepcopy(self)
 
 
 class TransformerEncoder(Module):

@@ -199,13 +199,18 @@ def _combine_devices(states, norm_type, max_norm):
 
 def _check_finite(entries, states, norm_type):
     norm = float(states[0][1][0])
-    if math.isfinite(norm):
+    # The norm is returned in the gradients' widest dtype, so a float64 norm
+    # beyond that dtype's range counts as infinite too, as it would read.
+    dtype = np.result_type(*{grad.data.dtype for _, grad in entries})
+    if math.isfinite(norm) and abs(norm) <= float(np.finfo(dtype).max):
         return
     bad = [_describe(label) for label, grad in entries if not _all_finite(grad.data)]
-    found = (
-        "non-finite gradients: " + ", ".join(bad) if bad
-        else "every gradient is finite, so the sum of |g|**p overflowed float64"
-    )
+    if bad:
+        found = "non-finite gradients: " + ", ".join(bad)
+    elif math.isfinite(norm):
+        found = f"every gradient is finite, but the norm overflows {dtype}"
+    else:
+        found = "every gradient is finite, so the sum of |g|**p overflowed float64"
     raise RuntimeError(
         f"clip_grad_norm_: the total norm of order {norm_type} is {norm}, so "
         f"the gradients were left unchanged; {found}. Find where the NaN or "
@@ -241,7 +246,8 @@ def _norm_tensor(entries, state):
     from .._tensor import make_tensor
 
     dtype = np.result_type(*{grad.data.dtype for _, grad in entries})
-    return make_tensor(state[0:1].reshape(()).astype(dtype))
+    with _quiet_nonfinite():
+        return make_tensor(state[0:1].reshape(()).astype(dtype))
 
 
 def _zero_norm():
