@@ -24,6 +24,7 @@ OPENBLAS_NUM_THREADS=1 avoids it. The --device cuda path is untested.
 
 import argparse
 import logging
+import math
 import os
 import time
 
@@ -70,7 +71,26 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive finite number, got {args.lr}")
+    _check_device(parser, args.device)
+    if args.mnist_dir is not None:
+        args.mnist_dir = os.path.expanduser(args.mnist_dir)
+        if not os.path.isdir(args.mnist_dir):
+            parser.error(f"--mnist-dir: directory {args.mnist_dir} not found")
     return args
+
+
+def _check_device(parser, name):
+    try:
+        device = gf.device(name)
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type == "cuda" and not gf.cuda.is_available():
+        parser.error(
+            f"--device {name}: no usable CUDA GPU was found (CuPy missing or "
+            "no device); use --device cpu or --device auto"
+        )
 
 
 def load_dataset(mnist_dir, seed):
@@ -172,7 +192,11 @@ def main(argv=None):
     device = gf.device(args.device)
     gf.manual_seed(args.seed)
 
-    x_train, y_train, x_test, y_test = load_dataset(args.mnist_dir, args.seed)
+    try:
+        x_train, y_train, x_test, y_test = load_dataset(args.mnist_dir, args.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        # A missing or damaged MNIST file: the message names it and the fix.
+        raise SystemExit(f"train_digits.py: error: {exc}") from None
     classes = int(max(y_train.max(), y_test.max())) + 1
     logger.info("%d training and %d test examples of %d features, %d classes, on %s",
                 len(x_train), len(x_test), x_train.shape[1], classes, device)

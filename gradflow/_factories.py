@@ -55,8 +55,16 @@ def empty(*shape, dtype=None, device=None, requires_grad=False):
 
 
 def full(shape, fill_value, dtype=None, device=None, requires_grad=False):
-    """Return a tensor of ``shape`` filled with ``fill_value``."""
+    """Return a tensor of ``shape`` filled with ``fill_value``.
+
+    Without ``dtype``, the dtype follows the value as in PyTorch: bool for a
+    bool, int64 for an int, float32 for a float.
+    """
     shape = shape if isinstance(shape, (tuple, list)) else (shape,)
+    if dtype is None and isinstance(fill_value, (bool, np.bool_)):
+        dtype = np.bool_
+    elif dtype is None and isinstance(fill_value, (int, np.integer)):
+        dtype = np.int64
     dev, dtype = _place(device, dtype)
     with dev:
         return _finish(dev.xp.full(_shape(shape), fill_value, dtype=dtype), requires_grad)

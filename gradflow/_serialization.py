@@ -40,6 +40,19 @@ _RESERVED_NAME = "__metadata__"
 # a file of another format.
 _MAX_HEADER_BYTES = 100_000_000
 _SUPPORTED_KINDS = "biuf"
+# The safetensors dtypes that NumPy can represent, so gf.load can read them.
+_NUMPY_DTYPES = {
+    "BOOL", "U8", "I8", "U16", "I16", "F16", "U32", "I32", "F32", "U64", "I64",
+    "F64", "C64",
+}
+# Common names of the safetensors dtypes that NumPy lacks, for error messages.
+_DTYPE_NAMES = {
+    "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+# The deepest nesting of dicts, lists and tuples that save writes and load
+# reads. Checkpoints need a handful of levels; the bound keeps a crafted
+# structure from exhausting Python's recursion limit (1000 frames by default).
+_MAX_DEPTH = 100
 
 
 def save(obj, path):
@@ -97,7 +110,13 @@ def load(path, device=None):
             f"{metadata[_FORMAT_KEY]!r}, but this gradflow reads format "
             f"{_FORMAT_VERSION!r}. Upgrade gradflow to read it."
         )
-    if metadata.get(_DIGEST_KEY) != _digest(arrays):
+    if _DIGEST_KEY not in metadata:
+        raise ValueError(
+            f"gf.load: {path} is damaged: its metadata has no SHA-256 digest "
+            f"({_DIGEST_KEY}), which gf.save always writes, so the tensor data "
+            "cannot be verified. Save the checkpoint again from its source."
+        )
+    if metadata[_DIGEST_KEY] != _digest(arrays):
         raise ValueError(
             f"gf.load: {path} is corrupted: its tensor data does not match "
             "the SHA-256 digest stored when it was written."
@@ -115,6 +134,12 @@ def _is_flat_state_dict(obj):
 
 
 def _encode(value, keys, arrays, flat):
+    if len(keys) > _MAX_DEPTH:
+        raise ValueError(
+            f"gf.save: obj is nested more than {_MAX_DEPTH} levels deep (at "
+            f"{_describe(keys[:3])}...), more than gf.load reads. Flatten the "
+            "structure."
+        )
     if isinstance(value, Tensor):
         name = keys[-1] if flat else _tensor_name(keys)
         name = _unique_name(name, arrays)
@@ -199,6 +224,12 @@ def _digest(arrays):
 
 def _write_atomic(path, arrays, metadata):
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"gf.save: cannot write {path}: the directory {directory} does not "
+            "exist or is not a directory. Create it first, e.g. with "
+            "os.makedirs."
+        )
     temporary = os.path.join(
         directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp"
     )
@@ -266,12 +297,36 @@ def _read_file(path):
     try:
         with safetensors.safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
-            arrays = {name: f.get_tensor(name) for name in f.keys()}
+            unsupported = _first_unsupported_dtype(f)
+            if unsupported is None:
+                arrays = {name: f.get_tensor(name) for name in f.keys()}
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise ValueError(
             f"gf.load: {path} is truncated or corrupted and cannot be read: {exc}"
         ) from None
+    if unsupported is not None:
+        _raise_unsupported_dtype(path, *unsupported)
     return metadata, arrays
+
+
+def _first_unsupported_dtype(f):
+    """Return (name, safetensors dtype) of the first tensor NumPy lacks, or None."""
+    for name in f.keys():
+        dtype = f.get_slice(name).get_dtype()
+        if dtype not in _NUMPY_DTYPES:
+            return name, dtype
+    return None
+
+
+def _raise_unsupported_dtype(path, name, dtype):
+    label = _DTYPE_NAMES.get(dtype, dtype)
+    raise ValueError(
+        f"gf.load: {path} stores tensor {name!r} as {label} (safetensors "
+        f"dtype {dtype}), which gradflow does not support because NumPy has "
+        "no such dtype. Convert the tensors to float32 or float16 with the "
+        "program that wrote the file (in PyTorch: "
+        "{k: v.float() for k, v in state_dict.items()}) and save them again."
+    )
 
 
 def _to_tensor(array, target):
@@ -283,8 +338,8 @@ def _to_tensor(array, target):
 def _decode_file_structure(path, metadata, tensors):
     used = set()
     try:
-        structure = json.loads(metadata[_STRUCTURE_KEY])
-        obj = _decode(structure, tensors, used)
+        structure = _parse_structure(metadata[_STRUCTURE_KEY])
+        obj = _decode(structure, tensors, used, 0)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(
             f"gf.load: {path} is corrupted: its gradflow.structure metadata "
@@ -298,7 +353,20 @@ def _decode_file_structure(path, metadata, tensors):
     return obj
 
 
-def _decode(node, tensors, used):
+def _parse_structure(text):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        # json's parser recurses once per bracket, so a deep enough text
+        # exhausts the stack before _decode can check the depth.
+        raise ValueError(
+            f"it is nested more than {_MAX_DEPTH} levels deep"
+        ) from None
+
+
+def _decode(node, tensors, used, depth):
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"it is nested more than {_MAX_DEPTH} levels deep")
     if not isinstance(node, dict) or len(node) != 1:
         raise ValueError(f"expected a one-key node, got {node!r}")
     (kind, body), = node.items()
@@ -308,8 +376,8 @@ def _decode(node, tensors, used):
     if kind == "value":
         return body
     if kind == "dict":
-        return {key: _decode(item, tensors, used) for key, item in body}
+        return {key: _decode(item, tensors, used, depth + 1) for key, item in body}
     if kind in ("list", "tuple"):
-        items = [_decode(item, tensors, used) for item in body]
+        items = [_decode(item, tensors, used, depth + 1) for item in body]
         return items if kind == "list" else tuple(items)
     raise ValueError(f"unknown node kind {kind!r}")

@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from . import _device
+from . import _device, _views
 from .autograd import _engine, _function, _grad_mode, _namespace
 from .errors import GraphError
 
@@ -26,7 +26,7 @@ class Tensor:
 
     __slots__ = (
         "data", "_grad", "grad_fn", "_out_index", "_requires_grad", "_version",
-        "_hooks", "__weakref__",
+        "_hooks", "_view", "__weakref__",
     )
     # NumPy defers to Tensor's reflected operators (array * tensor).
     __array_ufunc__ = None
@@ -40,6 +40,7 @@ class Tensor:
         self._out_index = 0
         self._version = [0]
         self._hooks = None
+        self._view = None
         self._requires_grad = False
         if requires_grad:
             self.requires_grad = True
@@ -378,6 +379,7 @@ class Tensor:
         copied._requires_grad = self._requires_grad
         copied._version = [0]
         copied._hooks = None
+        copied._view = None
         memo[id(self)] = copied
         return copied
 
@@ -417,6 +419,7 @@ def make_tensor(data, grad_fn=None, out_index=0):
     t._requires_grad = grad_fn is not None
     t._version = [0]
     t._hooks = None
+    t._view = None
     return t
 
 
@@ -605,6 +608,7 @@ def _check_devices(function, tensors):
 _function.Tensor = Tensor
 _function.make_tensor = make_tensor
 _function.check_devices = _check_devices
+_function.refresh_view = _views.refresh
 _engine.Tensor = Tensor
 _engine.make_tensor = make_tensor
 _engine.tensor_namespace = _namespace.tensor_namespace

@@ -12,7 +12,8 @@ In-place operators (``+=``, ``t[i] = v``, ``add_``, ...) follow PyTorch:
 
 import numpy as np
 
-from . import _ops
+from . import _ops, _views
+from ._ops import _shape as _shape_ops
 from ._ops import _common, _index
 from ._tensor import Tensor, make_tensor
 from .autograd import _grad_mode
@@ -100,31 +101,59 @@ def _records(t, other=None):
     return t._requires_grad or other_grad
 
 
-def _record_inplace(t, op, *args):
-    """Record ``op(t, *args)`` out of place and rebind ``t`` to its result."""
-    # The op gets an alias of t that keeps t's old array and its own version
-    # counter. The bump in _rebind must reach records that saved t earlier,
-    # but not this op, which saved the value from before the change.
-    alias = make_tensor(t.data, t.grad_fn, t._out_index)
+def _record_inplace(t, op, *args, name="in-place op"):
+    """Record ``op(t, *args)`` out of place and store the result in ``t``."""
+    if t._view is not None:
+        _views.refresh(t)
+    # The op reads a copy of t's old value, because t's memory is overwritten
+    # below, and the copy carries its own version counter: the bump in
+    # _assign must reach records that saved t earlier, but not this op.
+    alias = make_tensor(t.data.copy(), t.grad_fn, t._out_index)
     alias._requires_grad = t._requires_grad
-    alias._version = [t._version[0]]
-    return _rebind(t, op(alias, *args))
-
-
-def _rebind(t, result):
-    """Make ``t`` stand for ``result`` (the recorded out-of-place op)."""
-    if result.shape != t.shape:
-        raise ValueError(
-            f"in-place op: the result's shape {tuple(result.shape)} differs "
-            f"from the tensor's shape {tuple(t.shape)}; the other operand may "
-            "broadcast to the tensor but not enlarge it."
-        )
-    t.data = result.data
-    t.grad_fn = result.grad_fn
-    t._out_index = result._out_index
-    t._requires_grad = result._requires_grad
-    t._version[0] += 1
+    _assign(t, op(alias, *args), name)
     return t
+
+
+def _assign(t, value, op):
+    """Write the recorded result ``value`` into ``t`` (and through views into bases)."""
+    value = _fit_result(t, value, op)
+    if t._view is not None:
+        base = t._view[0]
+        _check_inplace(base, op)
+        _assign(base, _views.write_back(t, value, op), op)
+        _views.refresh(t)
+        return
+    try:
+        t.data[...] = value.data
+    except ValueError as exc:
+        raise ValueError(f"{op}: the tensor's memory cannot be written ({exc}); "
+                         "clone it first (t = t.clone()).") from None
+    t.grad_fn = value.grad_fn
+    t._out_index = value._out_index
+    t._requires_grad = value._requires_grad
+    t._version[0] += 1
+
+
+def _fit_result(t, value, op):
+    if value.shape != t.shape:
+        raise ValueError(
+            f"{op}: the result's shape {tuple(value.shape)} differs from the "
+            f"tensor's shape {tuple(t.shape)}; the other operand may broadcast "
+            "to the tensor but not enlarge it."
+        )
+    if value.dtype != t.dtype:
+        _check_cast(op, value.dtype, t.dtype)
+        value = value.astype(t.dtype)
+    return value
+
+
+def _check_cast(op, result_dtype, dtype):
+    if not np.can_cast(result_dtype, dtype, casting="same_kind"):
+        raise TypeError(
+            f"{op}: the result has dtype {result_dtype}, which cannot be stored "
+            f"in place in a tensor of dtype {dtype}. Use an out-of-place op "
+            f"(t = t + x) or convert the tensor first (t = t.float())."
+        )
 
 
 def _inplace(op, name, numpy_name):
@@ -132,8 +161,9 @@ def _inplace(op, name, numpy_name):
         _check_inplace(self, name)
         other = _common.as_operand(other, self)
         if _records(self, other):
-            return _record_inplace(self, op, other)
+            return _record_inplace(self, op, other, name=name)
         other_data = other.data if isinstance(other, Tensor) else other
+        _check_cast(name, np.result_type(self.data, other_data), self.data.dtype)
         _common.check_broadcast(name, self, other if isinstance(other, Tensor) else 0)
         result_shape = np.broadcast_shapes(self.shape, np.shape(other_data))
         if result_shape != self.shape:
@@ -164,7 +194,7 @@ def _zero_(self):
     """Fill this tensor with zeros in place."""
     _check_inplace(self, "zero_")
     if _records(self):
-        return _record_inplace(self, lambda t: t * 0)
+        return _record_inplace(self, _shape_ops.Fill.apply, 0, name="zero_")
     self.data[...] = 0
     self._version[0] += 1
     return self
@@ -174,7 +204,7 @@ def _fill_(self, value):
     """Fill this tensor with ``value`` in place."""
     _check_inplace(self, "fill_")
     if _records(self):
-        return _record_inplace(self, lambda t: t * 0 + value)
+        return _record_inplace(self, _shape_ops.Fill.apply, value, name="fill_")
     self.data[...] = value
     self._version[0] += 1
     return self
@@ -185,7 +215,7 @@ def _copy_(self, source):
     _check_inplace(self, "copy_")
     source = _common.as_operand(source, self)
     if _records(self, source):
-        return _record_inplace(self, lambda t: t * 0 + source)
+        return _record_inplace(self, _shape_ops.CopyFrom.apply, source, name="copy_")
     source_data = source.data if isinstance(source, Tensor) else source
     if isinstance(source, Tensor) and source.device != self.device:
         raise RuntimeError(
@@ -201,7 +231,7 @@ def _setitem(self, index, value):
     _check_inplace(self, "__setitem__")
     value = _common.as_operand(value, self)
     if _records(self, value):
-        _record_inplace(self, _ops.index_put, index, value)
+        _record_inplace(self, _ops.index_put, index, value, name="__setitem__")
         return
     xp = np if isinstance(self.data, np.ndarray) else __import__("cupy")
     index = _index.normalize_index(index, self.shape, xp)

@@ -1,4 +1,4 @@
-"""Anomaly detection: find the first op that turns finite values into NaN or Inf.
+"""Anomaly detection: find the first op that makes a NaN or a new Inf.
 
 While detection is on, the outputs of every op's forward and the gradients
 returned by every op's backward are checked, in one of two modes:
@@ -13,9 +13,13 @@ returned by every op's backward are checked, in one of two modes:
   block. It cannot name the op, so ``check_step`` reruns a flagged step in
   eager mode to find it.
 
-A value that is already non-finite in an op's input (data, a parameter, a
-gradient passed to ``backward``) is reported as coming from that input, and
-is not blamed on the op.
+NaN is reported at the first op whose output or gradient contains it. A NaN
+that is already in an op's input (data, a parameter, a gradient passed to
+``backward``) is reported as coming from that input, and is not blamed on
+the op. Inf is reported only where an op makes it from finite inputs
+(forward) or finite incoming gradients (backward). An Inf that an input
+already carries is a legitimate value, such as the -inf of an attention
+mask, so its passage through later ops is not reported.
 
 >>> x = gf.tensor([0.0, 1.0], requires_grad=True)
 >>> with gf.detect_anomaly():
@@ -110,7 +114,7 @@ def _switch_numpy_errors(enabled):
 
 @contextlib.contextmanager
 def detect_anomaly(mode="eager"):
-    """Check every op in the block for NaN or Inf outputs and gradients.
+    """Check every op in the block for a new NaN or Inf in outputs and gradients.
 
     In ``"eager"`` mode the first bad op raises ``AnomalyError``. In
     ``"flag"`` mode the block runs without per-op synchronization, and
@@ -181,42 +185,77 @@ def _check_forward(ctx, args, out):
     """Called by Function.apply with each op's outputs while detection is on."""
     outputs = out if isinstance(out, tuple) else (out,)
     if _mode == "flag":
-        for value in outputs:
-            _update_flag(value)
+        _flag_op(outputs, [_array(arg) for arg in args])
         return
     ctx.anomaly_source = _user_source()
     ctx.anomaly_inputs = [_describe(arg) for arg in args if isinstance(arg, Tensor)]
+    inputs = [_array(arg) for arg in args]
     for index, value in enumerate(outputs):
-        if not _is_finite(value):
-            _report_forward(ctx, args, index, value)
+        kind = _new_anomaly(value, inputs)
+        if kind is not None:
+            _report_forward(ctx, args, index, value, kind)
 
 
 def _check_backward(node, grad_outputs, grad_inputs):
     """Called by the engine with each record's gradients while detection is on."""
+    incoming = [_array(grad) for grad in grad_outputs]
     if _mode == "flag":
-        for grad in grad_inputs:
-            if grad is not None:
-                _update_flag(_array(grad))
+        _flag_op([_array(g) for g in grad_inputs if g is not None], incoming)
         return
     for index, grad in enumerate(grad_inputs):
-        if grad is not None and not _is_finite(_array(grad)):
-            _report_backward(node, grad_outputs, index, _array(grad))
+        if grad is None:
+            continue
+        kind = _new_anomaly(_array(grad), incoming)
+        if kind is not None:
+            _report_backward(node, incoming, index, _array(grad), kind)
+
+
+def _new_anomaly(value, inputs):
+    """Return "NaN" or "Inf" when ``value`` must be reported, else None.
+
+    NaN is reported wherever it appears. Inf is reported only when every
+    input is finite, because an infinite input (such as the -inf of an
+    attention mask) legitimately carries through to the output.
+    """
+    if _has_nan(value):
+        return "NaN"
+    if _is_finite(value) or not all(_is_finite(x) for x in inputs):
+        return None
+    return "Inf"
+
+
+def _flag_op(outputs, inputs):
+    """Apply ``_new_anomaly``'s rule to one op on the device, updating the flags."""
+    inputs_finite = None
+    for value in outputs:
+        array = _float_array(value)
+        if array is None:
+            continue
+        xp = _xp(array)
+        not_finite = ~xp.isfinite(array).all()
+        if xp is np and not not_finite:
+            # A NumPy result is on the host already, so this branch costs no
+            # synchronization and skips checking the inputs.
+            continue
+        if inputs_finite is None:
+            inputs_finite = _all_finite_on_device(inputs)
+        _raise_flag(array, xp.isnan(array).any() | (not_finite & inputs_finite))
 
 
 # -- reports --------------------------------------------------------------
 
 
-def _report_forward(ctx, args, index, value):
+def _report_forward(ctx, args, index, value, kind):
     name = ctx.name
     for position, arg in enumerate(args):
         data = arg.data if isinstance(arg, Tensor) else arg
-        if _is_numeric(data) and not _is_finite(data):
+        if kind == "NaN" and _is_numeric(data) and _has_nan(data):
             raise AnomalyError(
                 f"input {position} of '{name}' (forward) already contains "
-                f"{_bad_kind(data)} {_shape_note(data)}, so '{name}' did not "
-                "create it. It came from data, a parameter or an op run while "
-                "detection was off, so check where that input was made. The "
-                f"op was called at {_format_source(ctx.anomaly_source)}.",
+                f"NaN {_shape_note(data)}, so '{name}' did not create it. It "
+                "came from data, a parameter or an op run while detection was "
+                "off, so check where that input was made. The op was called at "
+                f"{_format_source(ctx.anomaly_source)}.",
                 op=name, phase="forward", source=ctx.anomaly_source,
                 from_input=True,
             )
@@ -226,9 +265,10 @@ def _report_forward(ctx, args, index, value):
         name_note = f"'{name}' (an op of a backward recorded with create_graph=True)"
     else:
         name_note = f"'{name}' (forward)"
+    inputs = [_array(arg) for arg in args]
     raise AnomalyError(
-        f"{name_note} produced {_bad_kind(value)} in output {index} "
-        f"{_shape_note(value)} from finite inputs "
+        f"{name_note} produced {kind} in output {index} "
+        f"{_shape_note(value)} from {_inputs_note(inputs, 'inputs')} "
         f"[{', '.join(ctx.anomaly_inputs)}]. The op was called at "
         f"{_format_source(ctx.anomaly_source)}. Guard its inputs (clamp, add "
         "an epsilon, use a stable formula) or find why they reach this range.",
@@ -236,32 +276,36 @@ def _report_forward(ctx, args, index, value):
     )
 
 
-def _report_backward(node, grad_outputs, index, grad):
+def _report_backward(node, incoming, index, grad, kind):
     name = node.name
     source = getattr(node, "anomaly_source", None)
-    for position, incoming in enumerate(grad_outputs):
-        incoming = _array(incoming)
-        if not _is_finite(incoming):
+    for position, grad_output in enumerate(incoming):
+        if kind == "NaN" and _has_nan(grad_output):
             raise AnomalyError(
                 f"the gradient of output {position} arriving at '{name}' "
-                f"(backward) already contains {_bad_kind(incoming)}, so "
-                f"'{name}' did not create it. It was passed to backward(), "
-                "returned by a hook, or produced by an op recorded while "
-                "detection was off. The op was called at "
-                f"{_format_source(source)}.",
+                f"(backward) already contains NaN, so '{name}' did not create "
+                "it. It was passed to backward(), returned by a hook, or "
+                "produced by an op recorded while detection was off. The op was "
+                f"called at {_format_source(source)}.",
                 op=name, phase="backward", source=source, from_input=True,
             )
     inputs = getattr(node, "anomaly_inputs", None)
     if inputs is None:
         inputs = [_describe_meta(meta) for meta in node.input_meta]
     raise AnomalyError(
-        f"'{name}' (backward) produced {_bad_kind(grad)} in the gradient of "
-        f"input {index} {_shape_note(grad)} from finite output gradients. Its "
-        f"forward inputs were [{', '.join(inputs)}]. The op was called at "
-        f"{_format_source(source)}. Guard the op's inputs so its derivative "
-        "stays finite there (e.g. sqrt and log near 0).",
+        f"'{name}' (backward) produced {kind} in the gradient of input {index} "
+        f"{_shape_note(grad)} from {_inputs_note(incoming, 'output gradients')}. "
+        f"Its forward inputs were [{', '.join(inputs)}]. The "
+        f"op was called at {_format_source(source)}. Guard the op's inputs so "
+        "its derivative stays finite there (e.g. sqrt and log near 0).",
         op=name, phase="backward", source=source,
     )
+
+
+def _inputs_note(values, noun):
+    if all(_is_finite(value) for value in values):
+        return f"finite {noun}"
+    return f"{noun} that contain Inf but no NaN"
 
 
 # -- helpers --------------------------------------------------------------
@@ -324,12 +368,37 @@ def _is_finite(value):
     return bool(_xp(value).isfinite(value).all())
 
 
-def _update_flag(array):
-    if not hasattr(array, "dtype"):
-        array = np.asarray(array)
-    if array.dtype.kind not in "fc":
-        return
-    bad = ~_xp(array).isfinite(array).all()
+def _has_nan(value):
+    if not hasattr(value, "dtype"):
+        return isinstance(value, float) and math.isnan(value)
+    if value.dtype.kind not in "fc":
+        return False
+    return bool(_xp(value).isnan(value).any())
+
+
+def _float_array(value):
+    """Return ``value`` as a float or complex array, or None for other values."""
+    if not hasattr(value, "dtype"):
+        if not isinstance(value, float):
+            return None
+        value = np.asarray(value)
+    return value if value.dtype.kind in "fc" else None
+
+
+def _all_finite_on_device(values):
+    """Return whether every value is finite, as a device bool where one is on CUDA."""
+    finite = True
+    for value in values:
+        array = _float_array(value)
+        if array is None:
+            continue
+        xp = _xp(array)
+        result = xp.isfinite(array).all()
+        finite = finite & (bool(result) if xp is np else result)
+    return finite
+
+
+def _raise_flag(array, bad):
     key = "cpu" if _xp(array) is np else array.device.id
     flag = _flags.get(key)
     _flags[key] = bad if flag is None else flag | bad
@@ -338,12 +407,6 @@ def _update_flag(array):
 def _read_flags():
     # One host read per device that ran an op: the step's only synchronization.
     return any(bool(flag) for flag in _flags.values())
-
-
-def _bad_kind(value):
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else "Inf"
-    return "NaN" if bool(_xp(value).isnan(value).any()) else "Inf"
 
 
 def _shape_note(value):

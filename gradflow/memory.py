@@ -155,6 +155,19 @@ class Ledger:
         """Bytes held now for backward, excluding memory owned by leaf tensors."""
         return self.total_bytes - self.leaf_bytes
 
+    @property
+    def attribute_bytes(self):
+        """Activation bytes that live records keep in plain ``ctx`` attributes.
+
+        Backward does not free these, unlike ``ctx.saved``: they stay until
+        their record is dropped, in general when the whole graph is.
+        """
+        keys = set()
+        for entry in self._records.values():
+            keys.update(entry[2])
+        buffers = (self._buffers[key] for key in keys)
+        return sum(buffer.nbytes for buffer in buffers if not buffer.leaf)
+
     def reset_peak(self):
         """Restart the peak from the bytes held now."""
         self.peak_activation_bytes = self.activation_bytes

@@ -4,6 +4,7 @@ import inspect
 
 import numpy as np
 import pytest
+from conftest import to_host
 
 import gradflow as gf
 from gradflow.autograd import _engine, _function
@@ -55,6 +56,34 @@ def test_nan_in_input_not_blamed():
         with gf.detect_anomaly():
             x * 2.0
     assert info.value.from_input is True
+
+
+def test_inf_in_input_passes():
+    x = gf.tensor([1.0, -float("inf")], requires_grad=True)
+    with gf.detect_anomaly():
+        y = (x * 2.0 + 1.0).sum()
+        y.backward()
+    assert y.item() == -float("inf")
+    assert x.grad.numpy().tolist() == [2.0, 2.0]
+
+
+def test_nan_from_inf_blames_op():
+    x = gf.tensor([float("inf"), 1.0])
+    with pytest.raises(gf.AnomalyError) as info:
+        with gf.detect_anomaly():
+            x - x  # inf-minus-inf
+    error = info.value
+    assert error.op == "Sub"
+    assert error.from_input is False
+    assert error.source == (__file__, _line_of("# inf-" + "minus-inf"))
+    assert "contain Inf but no NaN" in str(error)
+
+
+def test_inf_gradient_passes():
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    with gf.detect_anomaly():
+        (x * 3.0).backward(gf.tensor([1.0, float("inf")]))
+    assert x.grad.numpy().tolist() == [3.0, float("inf")]
 
 
 def test_nan_scalar_argument_is_input():
@@ -259,4 +288,78 @@ def test_check_step_unrepeatable_step():
 
     with pytest.raises(gf.AnomalyError, match="does not repeat itself"):
         gf.anomaly.check_step(step)
+    assert not gf.is_anomaly_enabled()
+
+
+# -- masked attention: its -inf bias is a legitimate value ---------------------
+
+
+def _causal_attention(q):
+    return gf.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def _bool_mask_attention(q):
+    mask = gf.tensor(np.tril(np.ones((4, 4), dtype=bool)), device=q.device)
+    return gf.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def _padded_attention(q):
+    module = gf.nn.MultiheadAttention(8, 2, batch_first=True, device=q.device)
+    x = q[0]  # (2, 4, 8): batch, length, features
+    # The second sequence is fully padded, so its rows are all -inf.
+    padding = gf.tensor([[False, False, True, True], [True, True, True, True]],
+                        device=q.device)
+    out, _ = module(x, x, x, key_padding_mask=padding)
+    return out
+
+
+ATTENTION_CASES = {
+    "causal": _causal_attention,
+    "bool_mask": _bool_mask_attention,
+    "key_padding_mask": _padded_attention,
+}
+
+
+@pytest.mark.parametrize("attention", ATTENTION_CASES.values(),
+                         ids=ATTENTION_CASES.keys())
+def test_masked_attention_eager(device, attention):
+    q = gf.randn(1, 2, 4, 8, device=device, requires_grad=True)
+    with gf.detect_anomaly():
+        attention(q).sum().backward()
+    assert np.isfinite(to_host(q.grad)).all()
+
+
+@pytest.mark.parametrize("attention", ATTENTION_CASES.values(),
+                         ids=ATTENTION_CASES.keys())
+def test_masked_attention_flag(device, attention):
+    q = gf.randn(1, 2, 4, 8, device=device, requires_grad=True)
+    with gf.detect_anomaly(mode="flag"):
+        attention(q).sum().backward()
+    assert np.isfinite(to_host(q.grad)).all()
+
+
+@pytest.mark.parametrize("attention", ATTENTION_CASES.values(),
+                         ids=ATTENTION_CASES.keys())
+def test_masked_attention_check_step(device, attention):
+    q = gf.randn(1, 2, 4, 8, device=device, requires_grad=True)
+
+    def step():
+        loss = attention(q).sum()
+        loss.backward()
+        return loss
+
+    assert np.isfinite(to_host(gf.anomaly.check_step(step)))
+
+
+def test_flag_mode_nan_from_inf():
+    x = gf.tensor([float("inf"), 1.0])
+    with pytest.raises(gf.AnomalyError, match="mode='flag'"):
+        with gf.detect_anomaly(mode="flag"):
+            x - x
+
+
+def test_flag_mode_inf_input_passes():
+    x = gf.tensor([1.0, -float("inf")], requires_grad=True)
+    with gf.detect_anomaly(mode="flag"):
+        (x * 2.0).sum().backward()
     assert not gf.is_anomaly_enabled()

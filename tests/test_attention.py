@@ -289,6 +289,31 @@ def test_mha_rejects_bad_arguments(device):
         module(x, x, x, attn_mask=device_tensor(np.zeros((3, 4), bool), device))
 
 
+def test_mha_feature_message(device):
+    module = gf.nn.MultiheadAttention(8, 2, device=device)
+    x = gf.randn(4, 2, 6, device=device)
+    pattern = (r"query must have 8 features \(embed_dim\) in its last axis, got "
+               r"shape \(4, 2, 6\)")
+    with pytest.raises(ValueError, match=pattern):
+        module(x, x, x)
+
+
+def test_mha_key_feature_message(device):
+    module = gf.nn.MultiheadAttention(8, 2, kdim=5, device=device)
+    x = gf.randn(4, 2, 8, device=device)
+    with pytest.raises(ValueError, match=r"key must have 5 features \(kdim\)"):
+        module(x, x, x)
+
+
+def test_mha_rejects_axis_count(device):
+    module = gf.nn.MultiheadAttention(8, 2, device=device)
+    x = gf.randn(4, 2, 8, device=device)
+    with pytest.raises(ValueError, match=r"query must be 3-D .* got shape \(1, 4, 2, 8\)"):
+        module(x.unsqueeze(0), x, x)
+    with pytest.raises(ValueError, match=r"key of shape \(2, 8\) must have as many"):
+        module(x, x[0], x)
+
+
 # -- Transformer block --------------------------------------------------------
 
 LAYER_CASES = {

@@ -180,6 +180,65 @@ def test_create_graph_second_order():
     np.testing.assert_allclose(ha.numpy(), fa.numpy(), rtol=1e-12)
 
 
+def _second_order(x, w, checkpointed):
+    x.grad = w.grad = None
+
+    def block(u):
+        return (u @ w).tanh()
+
+    h = gf.checkpoint(block, x) if checkpointed else block(x)
+    (gx,) = gf.grad(h.tanh().sum(), [x], create_graph=True)
+    (gx * gx).sum().backward()
+    return x.grad.numpy().copy(), w.grad.numpy().copy()
+
+
+def test_create_graph_bitwise():
+    gf.manual_seed(0)
+    w = gf.randn(4, 4, requires_grad=True)
+    x = gf.randn(3, 4, requires_grad=True)
+    expected = _second_order(x, w, checkpointed=False)
+    actual = _second_order(x, w, checkpointed=True)
+    assert np.array_equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1])
+
+
+def test_create_graph_recomputes_once():
+    w = gf.randn(4, 4, requires_grad=True)
+    x = gf.randn(3, 4, requires_grad=True)
+    before = gf.checkpoint.recompute_count()
+    _second_order(x, w, checkpointed=True)
+    assert gf.checkpoint.recompute_count() - before == 1
+
+
+def test_create_graph_captured_graph_bitwise():
+    a = gf.randn(5, dtype=gf.float64, requires_grad=True)
+    x = gf.randn(5, dtype=gf.float64, requires_grad=True)
+    results = []
+    for checkpointed in (False, True):
+        x.grad = a.grad = None
+        h = a * 3.0
+
+        def block(t):
+            return (t * h).sin()
+
+        y = gf.checkpoint(block, x) if checkpointed else block(x)
+        (gx,) = gf.grad(y.square().sum(), [x], create_graph=True)
+        (gx * gx).sum().backward()
+        results.append((x.grad.numpy().copy(), a.grad.numpy().copy()))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_create_graph_then_first_order():
+    x = gf.randn(5, requires_grad=True)
+    y = gf.checkpoint(lambda t: t.sin() * t, x)
+    (gx,) = gf.grad(y.sum(), [x], create_graph=True)
+    before = gf.checkpoint.recompute_count()
+    y.sum().backward()
+    assert gf.checkpoint.recompute_count() == before
+    assert np.array_equal(x.grad.numpy(), gx.detach().numpy())
+
+
 def test_gradcheck_through_checkpoint():
     w = gf.randn(3, 3, dtype=gf.float64, requires_grad=True)
 

@@ -123,3 +123,124 @@ def test_plan_rejects_other_model():
     plan = gf.checkpoint_plan(model, gf.randn(2, 16), 10**6)
     with pytest.raises(ValueError, match="layers"):
         plan.run(_chain(5), gf.randn(2, 16))
+
+
+def test_plan_rejects_function():
+    with pytest.raises(TypeError, match="Sequential or a list of layers"):
+        gf.checkpoint_plan(lambda u: u, gf.randn(2, 3), 100)
+
+
+def _norm_dropout_chain():
+    gf.manual_seed(0)
+    nn = gf.nn
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Dropout(0.3)]
+    return nn.Sequential(*layers)
+
+
+def _train_step(model, x, run):
+    x.grad = None
+    gf.manual_seed(1)
+    run(x).sum().backward()
+    grads = [p.grad.numpy().copy() for p in model.parameters()]
+    return grads + [x.grad.numpy().copy()]
+
+
+def test_binomial_dropout_batchnorm_bitwise():
+    x = gf.randn(16, 32, requires_grad=True)
+    plan = gf.checkpoint_plan(_norm_dropout_chain(), x, budget_bytes=4224)
+    assert plan.kind == "binomial"
+    plain = _norm_dropout_chain()
+    expected = _train_step(plain, x, plain)
+    model = _norm_dropout_chain()
+    actual = _train_step(model, x, lambda t: plan.run(model, t))
+    assert plan.counter["advances"] > len(plan.profiles)
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        assert np.array_equal(e, a)
+
+
+def test_binomial_batchnorm_updated_once():
+    x = gf.randn(16, 32, requires_grad=True)
+    plan = gf.checkpoint_plan(_norm_dropout_chain(), x, budget_bytes=4224)
+    plain = _norm_dropout_chain()
+    _train_step(plain, x, plain)
+    model = _norm_dropout_chain()
+    _train_step(model, x, lambda t: plan.run(model, t))
+    for index in (1, 4, 7, 10):
+        norm, expected = model[index], plain[index]
+        assert int(norm.num_batches_tracked.data) == 1
+        assert np.array_equal(norm.running_mean.numpy(),
+                              expected.running_mean.numpy())
+        assert np.array_equal(norm.running_var.numpy(),
+                              expected.running_var.numpy())
+
+
+def test_binomial_rng_state_after_step():
+    x = gf.randn(16, 32, requires_grad=True)
+    plan = gf.checkpoint_plan(_norm_dropout_chain(), x, budget_bytes=4224)
+    plain = _norm_dropout_chain()
+    _train_step(plain, x, plain)
+    expected = gf.get_rng_state()
+    model = _norm_dropout_chain()
+    _train_step(model, x, lambda t: plan.run(model, t))
+    assert gf.get_rng_state() == expected
+
+
+class _KeepsMask(gf.autograd.Function):
+    """ReLU that keeps its mask in a plain ctx attribute, not in ctx.saved."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mask = (x > 0).astype(x.dtype)
+        return x * ctx.mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.mask
+
+
+def _keeps_mask(x):
+    return _KeepsMask.apply(x)
+
+
+def _peak_models():
+    nn = gf.nn
+    gf.manual_seed(0)
+    yield ([nn.Linear(64, 512), nn.GELU(), nn.Dropout(0.2)],
+           gf.randn(32, 64, requires_grad=True))
+    yield ([nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.AvgPool2d(2)],
+           gf.randn(4, 3, 16, 16, requires_grad=True))
+    yield ([nn.Linear(16, 64), _keeps_mask, nn.Linear(64, 64), _keeps_mask,
+            nn.Linear(64, 16), _keeps_mask],
+           gf.randn(8, 16, requires_grad=True))
+
+
+@pytest.mark.parametrize("case", range(3), ids=["dropout", "pool", "attribute"])
+def test_measured_peak_within_budget(case):
+    layers, x = list(_peak_models())[case]
+    profiles = gf.checkpoint._plan.profile_layers(layers, x)
+    full = plan_for_profiles(profiles, 10**9).predicted_peak_bytes
+    checked = 0
+    for budget in range(full // 16, full + 1, full // 16):
+        try:
+            plan = plan_for_profiles(profiles, budget)
+        except ValueError:
+            continue
+        result = plan.measure(layers, x)
+        checked += 1
+        assert result["measured_peak_bytes"] <= budget
+        assert result["measured_peak_bytes"] == result["predicted_peak_bytes"]
+    assert checked >= 4
+
+
+def test_profile_counts_attribute_bytes():
+    x = gf.randn(8, 16, requires_grad=True)
+    layers = [gf.nn.Dropout(0.5), _keeps_mask]
+    profiles = gf.checkpoint._plan.profile_layers(layers, x)
+    # Dropout saves its mask in ctx.saved, so backward frees it.
+    assert profiles[0].internal_bytes == 8 * 16 * 4
+    assert profiles[0].attribute_bytes == 0
+    assert profiles[1].attribute_bytes == 8 * 16 * 4

@@ -105,6 +105,41 @@ def test_softmax_rejects_integer_input(device):
         F.softmax(gf.tensor([1, 2], device=device))
 
 
+@pytest.mark.parametrize("fn", [F.softmax, F.log_softmax],
+                         ids=["softmax", "log_softmax"])
+def test_softmax_axis_keyword(device, fn):
+    x = gf.tensor(np.random.default_rng(0).standard_normal((3, 4)), device=device)
+    np.testing.assert_array_equal(to_host(fn(x, axis=0)), to_host(fn(x, dim=0)))
+
+
+@pytest.mark.parametrize("fn", [F.softmax, F.log_softmax],
+                         ids=["softmax", "log_softmax"])
+def test_softmax_default_last_axis(device, fn):
+    x = gf.tensor(np.random.default_rng(0).standard_normal((3, 4)), device=device)
+    np.testing.assert_array_equal(to_host(fn(x)), to_host(fn(x, dim=-1)))
+
+
+@pytest.mark.parametrize("fn", [F.softmax, F.log_softmax],
+                         ids=["softmax", "log_softmax"])
+def test_softmax_rejects_dim_and_axis(device, fn):
+    with pytest.raises(TypeError, match="pass dim= or axis=, not both"):
+        fn(gf.ones(2, 3, device=device), dim=0, axis=0)
+
+
+def test_linear_rejects_dtype_mismatch(device):
+    layer = gf.nn.Linear(3, 4, device=device)
+    x = gf.ones(2, 3, dtype=gf.float64, device=device)
+    pattern = (r"linear: input dtype float64 does not match weight dtype float32"
+               r".*\.float\(\) or the layer with \.double\(\)")
+    with pytest.raises(TypeError, match=pattern):
+        layer(x)
+
+
+def test_linear_rejects_integer_input(device):
+    with pytest.raises(TypeError, match="input dtype int64 .* with .float()"):
+        F.linear(gf.arange(3, device=device), gf.ones(4, 3, device=device))
+
+
 def test_linear_matches_torch(device):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)

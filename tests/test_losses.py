@@ -135,6 +135,35 @@ def test_cross_entropy_all_ignored_is_nan(device):
     assert np.isnan(to_host(loss))
 
 
+ALL_IGNORED_CASES = [
+    ("cross_entropy", F.cross_entropy, {}),
+    ("cross_entropy_weight", F.cross_entropy, {"weight": CLASS_WEIGHT}),
+    ("cross_entropy_smoothing", F.cross_entropy, {"label_smoothing": 0.2}),
+    ("nll_loss", F.nll_loss, {}),
+    ("nll_loss_weight", F.nll_loss, {"weight": CLASS_WEIGHT}),
+]
+
+
+@pytest.mark.parametrize("name, loss_fn, kwargs", ALL_IGNORED_CASES,
+                         ids=[c[0] for c in ALL_IGNORED_CASES])
+def test_all_ignored_gradient_is_zero(device, name, loss_fn, kwargs):
+    # A fully padded batch has a NaN mean loss, but must not spoil the gradient.
+    kwargs = {k: _const(v, device) if isinstance(v, np.ndarray) else v
+              for k, v in kwargs.items()}
+    x = gf.tensor(LOGITS_2D, device=device, requires_grad=True)
+    loss = loss_fn(x, _const(np.full(6, -100), device), **kwargs)
+    loss.backward()
+    assert np.isnan(to_host(loss))
+    np.testing.assert_array_equal(to_host(x.grad), np.zeros((6, 4)))
+
+
+def test_all_ignored_weight_gradient_is_zero(device):
+    x = gf.tensor(LOGITS_2D, device=device)
+    weight = gf.tensor(CLASS_WEIGHT, device=device, requires_grad=True)
+    F.cross_entropy(x, _const(np.full(6, -100), device), weight=weight).backward()
+    np.testing.assert_array_equal(to_host(weight.grad), np.zeros(4))
+
+
 def test_cross_entropy_module(device):
     weight = _const(CLASS_WEIGHT, device)
     module = gf.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, reduction="sum")

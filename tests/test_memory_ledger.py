@@ -66,6 +66,32 @@ def test_attribute_arrays_counted():
     assert dropped.shape == (4, 5)
 
 
+def test_attribute_bytes_only_attributes():
+    x = gf.randn(4, 5, requires_grad=True)
+    index = np.array([0, 2, 2, 3])
+    with gf.memory.Ledger() as ledger:
+        h = x * 1.0
+        picked = h[index]
+        dropped = gf.nn.functional.dropout(h, p=0.5)
+    # GetItem keeps its index in an attribute; Dropout saves its mask.
+    assert ledger.attribute_bytes == index.nbytes
+    assert picked.shape == dropped.shape
+
+
+@pytest.mark.parametrize("layer", [gf.nn.Dropout(0.5), gf.nn.MaxPool2d(2)],
+                         ids=["dropout", "max_pool"])
+def test_backward_frees_layer_arrays(layer):
+    x = gf.randn(2, 3, 8, 8, requires_grad=True)
+    with gf.memory.Ledger() as ledger:
+        y = layer(x * 1.0)
+        held = ledger.activation_bytes
+        y.sum().backward()
+        # y still holds the graph, so only what backward frees is gone.
+        assert y.grad_fn is not None
+        assert ledger.activation_bytes == 0
+    assert held > 0
+
+
 def test_record_rows_describe_arrays():
     x = gf.randn(3, 2, dtype=gf.float64, requires_grad=True)
     with gf.memory.Ledger() as ledger:

@@ -240,7 +240,9 @@ MATMUL_CASES = [
 
 def _reduction(name, axis, keepdims, domain="normal", **kwargs):
     def fn(m, x):
-        return getattr(m, name)(x, axis=axis, keepdims=keepdims, **kwargs)
+        out = getattr(m, name)(x, axis=axis, keepdims=keepdims, **kwargs)
+        # max/min over one int axis return (values, indices) in both libraries.
+        return out[0] if isinstance(out, tuple) else out
 
     extra = "".join(f"-{k}={v}" for k, v in kwargs.items())
     label = f"{name}-axis={axis}-keepdims={keepdims}{extra}".replace(" ", "")
@@ -419,6 +421,19 @@ def test_max_min_dim_matches_torch(name, keepdim, device):
     values.backward(gf.tensor(weights, device=device))
     expected_values.backward(torch.tensor(weights))
     np.testing.assert_array_equal(to_host(x.grad), reference.grad.numpy())
+
+
+def test_max_positional_axis_unpacks(device):
+    x = gf.tensor([[1.0, 5.0, 2.0], [3.0, 2.0, 0.0]], device=device)
+    values, indices = x.max(1)
+    np.testing.assert_array_equal(to_host(values), [5.0, 3.0])
+    np.testing.assert_array_equal(to_host(indices), [1, 0])
+
+
+def test_max_tuple_axis_returns_values(device):
+    x = gf.tensor([[1.0, 5.0], [7.0, 2.0]], device=device)
+    assert isinstance(x.max(axis=(0, 1)), gf.Tensor)
+    assert isinstance(x.max(), gf.Tensor)
 
 
 def test_max_dim_named_fields(device):
@@ -613,3 +628,44 @@ def test_float_index_raises(device):
 def test_index_out_of_range_names_shape(device):
     with pytest.raises(IndexError, match=r"shape \(3,\)"):
         gf.zeros(3, device=device)[5]
+
+
+# -- edge cases that PyTorch defines ------------------------------------------
+
+
+def test_pow_zero_exponent_grad_at_zero(device):
+    x = gf.tensor([0.0, 0.0, 1.0], device=device, requires_grad=True)
+    (x ** gf.tensor([0.0, 1.0, 2.0], device=device)).sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), [0.0, 1.0, 2.0])
+
+
+def test_pow_scalar_zero_grad_at_zero(device):
+    x = gf.tensor([0.0, 2.0], device=device, requires_grad=True)
+    (x ** 0).sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), [0.0, 0.0])
+
+
+def test_std_grad_of_constant_is_zero(device):
+    x = gf.tensor([2.0, 2.0, 2.0], device=device, requires_grad=True)
+    x.std().backward()
+    np.testing.assert_array_equal(to_host(x.grad), [0.0, 0.0, 0.0])
+
+
+def test_var_without_dof_gives_nan(device):
+    x = gf.tensor([5.0], device=device, requires_grad=True)
+    value = x.var()
+    value.backward()
+    assert np.isnan(value.item())
+    assert np.isnan(to_host(x.grad)[0])
+
+
+@pytest.mark.parametrize("name, size, fill, expected", [
+    ("mean", 1000, 100.0, 100.0),
+    ("mean", 70000, 1.0, 1.0),
+    ("var", 1000, 100.0, 0.0),
+])
+def test_float16_reduction_accumulates_wide(name, size, fill, expected, device):
+    x = gf.full((size,), fill, dtype=gf.float16, device=device)
+    result = getattr(x, name)()
+    assert result.dtype == np.float16
+    assert result.item() == expected

@@ -234,6 +234,34 @@ def test_missing_directory_raises(tmp_path):
         gf.save({"t": gf.ones(1)}, tmp_path / "missing" / "a.safetensors")
 
 
+def test_missing_directory_names_path(tmp_path):
+    path = tmp_path / "missing" / "a.safetensors"
+    with pytest.raises(FileNotFoundError) as info:
+        gf.save({"t": gf.ones(1)}, path)
+    assert str(path) in str(info.value)
+    assert ".tmp" not in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+def test_rejects_deep_nesting_on_save(tmp_path):
+    obj = gf.ones(1)
+    for _ in range(_serialization._MAX_DEPTH + 1):
+        obj = [obj]
+    with pytest.raises(ValueError, match="nested more than 100 levels"):
+        gf.save(obj, tmp_path / "a.safetensors")
+
+
+def test_saves_max_depth(tmp_path):
+    obj = gf.ones(1)
+    for _ in range(_serialization._MAX_DEPTH):
+        obj = [obj]
+    gf.save(obj, tmp_path / "a.safetensors")
+    loaded = gf.load(tmp_path / "a.safetensors")
+    for _ in range(_serialization._MAX_DEPTH):
+        loaded = loaded[0]
+    _same_tensor(loaded, gf.ones(1))
+
+
 # -- rejected and damaged files -------------------------------------------------
 
 class _Payload:
@@ -289,6 +317,48 @@ def test_rejects_bad_structure(tmp_path):
     safetensors_numpy.save_file({}, str(path), metadata=metadata)
     with pytest.raises(ValueError, match="structure metadata is invalid"):
         gf.load(path)
+
+
+def _write_raw(path, structure, digest=True):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    metadata = {"gradflow.format": "1", "gradflow.structure": structure}
+    if digest:
+        metadata["gradflow.sha256"] = _serialization._digest({})
+    safetensors_numpy.save_file({}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("depth", [101, 100_000], ids=["past_bound", "past_json"])
+def test_rejects_deep_structure(tmp_path, depth):
+    path = tmp_path / "a.safetensors"
+    _write_raw(path, '{"list":[' * depth + '{"value":1}' + "]}" * depth)
+    with pytest.raises(ValueError, match="nested more than 100 levels deep"):
+        gf.load(path)
+
+
+def test_rejects_missing_digest(tmp_path):
+    path = tmp_path / "a.safetensors"
+    _write_raw(path, '{"value":1}', digest=False)
+    with pytest.raises(ValueError, match="has no SHA-256 digest"):
+        gf.load(path)
+
+
+def _bfloat16_file(path):
+    """Write a safetensors file holding one bfloat16 tensor "w" of shape (2,)."""
+    header = b'{"w":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+
+
+def test_rejects_bfloat16(tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    _bfloat16_file(path)
+    with pytest.raises(ValueError) as info:
+        gf.load(path)
+    message = str(info.value)
+    assert "stores tensor 'w' as bfloat16" in message
+    assert "NumPy has no such dtype" in message
+    assert "program that wrote the file" in message
+    assert "corrupted" not in message
 
 
 def test_rejects_newer_format(tmp_path):

@@ -524,3 +524,124 @@ def test_dlpack_round_trip_with_numpy():
     array = np.from_dlpack(t)
     np.testing.assert_array_equal(array, [[1, 2], [3, 4]])
     assert np.shares_memory(array, t.data)
+
+
+# -- in-place ops through views while autograd records -----------------------
+
+
+def test_inplace_on_slice_view_updates_base():
+    a = gf.ones(3, requires_grad=True)
+    x = a * 1
+    view = x[0:2]
+    view += 10
+    np.testing.assert_array_equal(to_host(x), [11.0, 11.0, 1.0])
+    x.sum().backward()
+    np.testing.assert_array_equal(to_host(a.grad), [1.0, 1.0, 1.0])
+
+
+def test_setitem_on_transpose_view_matches_torch():
+    torch = pytest.importorskip("torch")
+    weights = np.arange(6.0).reshape(2, 3)
+    a = gf.ones(2, 3, dtype=gf.float64, requires_grad=True)
+    y = a * 1
+    y.T[0] = 9.0
+    (y * gf.tensor(weights)).sum().backward()
+    reference = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+    y_ref = reference * 1
+    y_ref.T[0] = 9.0
+    (y_ref * torch.tensor(weights)).sum().backward()
+    np.testing.assert_array_equal(to_host(y), y_ref.detach().numpy())
+    np.testing.assert_array_equal(to_host(a.grad), reference.grad.numpy())
+
+
+def test_inplace_on_reshape_view_updates_base():
+    a = gf.ones(2, 3, requires_grad=True)
+    y = a * 2
+    y.reshape(6)[0] = 5.0
+    assert to_host(y)[0, 0] == 5.0
+    y.sum().backward()
+    assert to_host(a.grad)[0, 0] == 0.0
+    assert to_host(a.grad)[1, 2] == 2.0
+
+
+def test_view_sees_later_inplace_on_base():
+    a = gf.ones(2, 3, requires_grad=True)
+    y = a * 2
+    row = y[1]
+    y *= 5
+    np.testing.assert_array_equal(to_host(row), [10.0, 10.0, 10.0])
+    (row * 1).sum().backward()
+    np.testing.assert_array_equal(to_host(a.grad), [[0.0] * 3, [10.0] * 3])
+
+
+def test_inplace_on_broadcast_view_raises():
+    a = gf.ones(3, requires_grad=True)
+    view = (a * 1).expand(2, 3)
+    with pytest.raises(gf.GraphError, match="broadcast view"):
+        view += 1
+
+
+def test_inplace_on_view_of_leaf_raises():
+    w = gf.ones(2, 3, requires_grad=True)
+    with pytest.raises(gf.GraphError, match="leaf"):
+        w.T[0] = 1.0
+
+
+def test_zero_inside_graph_ignores_nan():
+    a = gf.tensor([1.0, float("inf"), float("nan")], requires_grad=True)
+    x = a * 1
+    x.zero_()
+    np.testing.assert_array_equal(to_host(x), [0.0, 0.0, 0.0])
+    x.sum().backward()
+    np.testing.assert_array_equal(to_host(a.grad), [0.0, 0.0, 0.0])
+
+
+def test_fill_inside_graph_sets_value():
+    a = gf.tensor([1.0, float("nan")], requires_grad=True)
+    x = a * 1
+    x.fill_(3.0)
+    np.testing.assert_array_equal(to_host(x), [3.0, 3.0])
+
+
+def test_copy_inside_graph_keeps_dtype():
+    h = gf.tensor([1.0, 2.0], dtype=gf.float16, requires_grad=True) * 1
+    source = gf.tensor([3.0, 4.0], requires_grad=True)
+    h.copy_(source)
+    assert h.dtype == np.float16
+    h.sum().backward()
+    np.testing.assert_array_equal(to_host(source.grad), [1.0, 1.0])
+    assert source.grad.dtype == np.float32
+
+
+def test_inplace_float_into_int_raises():
+    t = gf.tensor([1, 2, 3])
+    with pytest.raises(TypeError, match=r"add_|__iadd__"):
+        t += 1.5
+    np.testing.assert_array_equal(to_host(t), [1, 2, 3])
+
+
+# -- dtype promotion follows PyTorch ----------------------------------------------
+
+
+@pytest.mark.parametrize("expression, expected", [
+    (lambda i, h, x: i + h, np.float16),
+    (lambda i, h, x: i * 1.5, np.float32),
+    (lambda i, h, x: i / 2, np.float32),
+    (lambda i, h, x: i / i, np.float32),
+    (lambda i, h, x: [1, 2] + x, np.float32),
+    (lambda i, h, x: i ** 0.5, np.float32),
+    (lambda i, h, x: i * 2, np.int32),
+    (lambda i, h, x: 2 ** i, np.int32),
+    (lambda i, h, x: x + i, np.float32),
+])
+def test_promotion_matches_torch(expression, expected):
+    i32 = gf.tensor([1, 2], dtype=gf.int32)
+    f16 = gf.tensor([1.0, 2.0], dtype=gf.float16)
+    x = gf.tensor([1.0, 2.0])
+    assert expression(i32, f16, x).dtype == expected
+
+
+@pytest.mark.parametrize("value, expected", [(3, np.int64), (3.0, np.float32),
+                                             (True, np.bool_)])
+def test_full_dtype_follows_value(value, expected):
+    assert gf.full((2,), value).dtype == expected

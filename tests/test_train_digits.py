@@ -111,6 +111,34 @@ def test_rejects_zero_epochs(example, capsys):
     assert "--epochs must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+    (["--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--device", "tpu"], "--device: invalid device string 'tpu'"),
+    (["--mnist-dir", "/nonexistent/mnist"],
+     "--mnist-dir: directory /nonexistent/mnist not found"),
+], ids=["negative_lr", "zero_lr", "nan_lr", "unknown_device", "missing_mnist_dir"])
+def test_rejects_bad_option(example, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        example.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rejects_cuda_without_gpu(example, capsys):
+    if gf.cuda.is_available():
+        pytest.skip("a CUDA GPU is usable here")
+    with pytest.raises(SystemExit):
+        example.main(["--device", "cuda"])
+    assert "no usable CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_mnist_files_exit_cleanly(example, tmp_path):
+    with pytest.raises(SystemExit, match="train-images-idx3-ubyte"):
+        example.main(["--mnist-dir", str(tmp_path), "--quiet"])
+
+
 def test_help_runs_as_script():
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--help"],

@@ -6,6 +6,8 @@ to each input's shape.
 
 import numbers
 
+import numpy as np
+
 
 from .._tensor import Tensor
 from ..autograd import Function
@@ -75,15 +77,31 @@ class Pow(Function):
         xp = ctx.xp
         need_base, need_exponent = ctx.needs_input_grad
         grad_base = grad_exponent = None
-        if need_base:
-            grad_base = grad * exponent * base ** (exponent - 1)
-        if need_exponent:
+        # 0 ** (e - 1) divides by zero for e < 1. The infinities are the
+        # right limits, so NumPy's warnings about them are silenced.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if need_base:
+                grad_base = _pow_base_grad(xp, grad, base, exponent)
+            if need_exponent:
+                grad_exponent = _pow_exponent_grad(xp, grad, base, exponent, out)
+        return grad_base, grad_exponent
+
+
+def _pow_base_grad(xp, grad, base, exponent):
+    # NOTE: the derivative of b**0 is 0 everywhere, also at b == 0 where the
+    # formula gives 0 * 0**-1 = nan; PyTorch masks it the same way.
+    if isinstance(exponent, numbers.Number):
+        return grad * 0 if exponent == 0 else grad * exponent * base ** (exponent - 1)
+    return xp.where(exponent == 0, 0, grad * exponent * base ** (exponent - 1))
+
+
+def _pow_exponent_grad(xp, grad, base, exponent, out):
+    if True:
             # NOTE: d(b**e)/de = b**e * log(b); PyTorch sets it to 0 where
             # b == 0 and e >= 0 (the limit), instead of 0 * -inf = nan.
-            safe_log = xp.log(xp.where(base == 0, 1, base))
-            grad_exponent = grad * out * safe_log
-            grad_exponent = xp.where((base == 0) & (exponent >= 0), 0, grad_exponent)
-        return grad_base, grad_exponent
+        safe_log = xp.log(xp.where(base == 0, 1, base))
+        grad_exponent = grad * out * safe_log
+        return xp.where((base == 0) & (exponent >= 0), 0, grad_exponent)
 
 
 class Neg(Function):
@@ -131,11 +149,42 @@ class MatMul(Function):
 def _binary(function, name, a, b):
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         a, b = as_operand(a, b), as_operand(b, a)
-        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
-            return function.apply(a, b)  # a Python number broadcasts to anything
+        # A Python number broadcasts to anything and takes the tensor's dtype.
+        if not isinstance(a, Tensor):
+            return function.apply(a, _float_for(function, b, a))
+        if not isinstance(b, Tensor):
+            return function.apply(_float_for(function, a, b), b)
+    if a.data.dtype != b.data.dtype:
+        a, b = _promote(a, b)
+    elif function is Div and a.data.dtype.kind in "iub":
+        a, b = a.astype(np.float32), b.astype(np.float32)
     if a.data.shape != b.data.shape:
         check_broadcast(name, a, b)
     return function.apply(a, b)
+
+
+def _float_for(function, t, number):
+    """Return ``t`` as float32 when an integer tensor meets a float (or ``/``).
+
+    NumPy would give float64 there; gradflow follows PyTorch, whose default
+    float dtype is float32.
+    """
+    if t.data.dtype.kind in "iub" and (isinstance(number, float) or function is Div):
+        return t.astype(np.float32)
+    return t
+
+
+def _promote(a, b):
+    """Cast an integer or bool operand to the other's float dtype (PyTorch's rule).
+
+    Two floats (or two integers) of different sizes promote as in NumPy.
+    """
+    kind_a, kind_b = a.data.dtype.kind, b.data.dtype.kind
+    if kind_a == "f" and kind_b in "iub":
+        return a, b.astype(a.data.dtype)
+    if kind_b == "f" and kind_a in "iub":
+        return a.astype(b.data.dtype), b
+    return a, b
 
 
 def add(a, b):
@@ -161,7 +210,9 @@ def div(a, b):
 def pow(a, b):
     """Return ``a ** b``; the exponent may be a Python number or a Tensor."""
     if isinstance(b, numbers.Number) and not isinstance(b, bool):
-        return Pow.apply(a, b)
+        a = as_operand(a, b)
+        if isinstance(a, Tensor):
+            return Pow.apply(_float_for(Pow, a, b), b)
     return _binary(Pow, "pow", a, b)
 
 

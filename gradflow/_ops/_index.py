@@ -6,6 +6,7 @@ is an add, not an assignment).
 
 import numpy as np
 
+from .._views import mark_view
 from ..autograd import Function
 from ._unary import ctx_xp
 
@@ -115,7 +116,7 @@ def getitem(x, index):
         raise IndexError(f"index {index!r} is invalid for a tensor of shape "
                          f"{tuple(x.shape)}: {exc}") from None
     if _is_basic(index):
-        out._version = x._version
+        mark_view(out, x, "index", index)
     return out
 
 

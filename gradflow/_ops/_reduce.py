@@ -40,11 +40,20 @@ def _count(shape, axes):
     return math.prod(shape[a] for a in axes)
 
 
+def _sum(x, axes, keepdims):
+    # float16 sums accumulate in float32 (as PyTorch's do), because a half
+    # float overflows past 65504; the caller casts the result back.
+    if x.dtype == np.float16:
+        return x.sum(axis=axes, keepdims=keepdims, dtype=np.float32)
+    return x.sum(axis=axes, keepdims=keepdims)
+
+
 class Sum(Function):
     @staticmethod
     def forward(ctx, x, axes, keepdims):
         ctx.in_shape, ctx.axes, ctx.keepdims = x.shape, axes, keepdims
-        return x.sum(axis=axes, keepdims=keepdims)
+        with np.errstate(over="ignore"):  # a float16 total past 65504 is inf
+            return _sum(x, axes, keepdims).astype(x.dtype, copy=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -58,7 +67,8 @@ class Mean(Function):
         ctx.in_shape, ctx.axes, ctx.keepdims = x.shape, axes, keepdims
         count = _count(x.shape, axes)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return x.sum(axis=axes, keepdims=keepdims) / (count or float("nan"))
+            out = _sum(x, axes, keepdims) / (count or float("nan"))
+        return out.astype(x.dtype, copy=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -68,27 +78,57 @@ class Mean(Function):
         return grad / count if count else grad, None, None
 
 
+def _variance(x, axes, keepdims, correction):
+    """Return the variance of the array ``x``; NaN where N - correction <= 0."""
+    work = x.astype(np.float32) if x.dtype == np.float16 else x
+    centered = work - work.mean(axis=axes, keepdims=True)
+    dof = _count(x.shape, axes) - correction
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (centered * centered).sum(axis=axes, keepdims=keepdims)
+        out = out / dof if dof > 0 else out * np.nan
+    return out.astype(x.dtype, copy=False)
+
+
+def _variance_grad(xp, x, grad, axes, keepdims, correction):
+    dof = _count(x.shape, axes) - correction
+    # NOTE: with no degrees of freedom left the variance is NaN, and so is its
+    # gradient, as in PyTorch.
+    factor = 2 / dof if dof > 0 else float("nan")
+    centered = x - xp.mean(x, axis=axes, keepdims=True)
+    return _expand_grad(xp, grad, x.shape, axes, keepdims) * centered * factor
+
+
 class Var(Function):
     @staticmethod
     def forward(ctx, x, axes, keepdims, correction):
         ctx.axes, ctx.keepdims, ctx.correction = axes, keepdims, correction
-        mean = x.mean(axis=axes, keepdims=True)
-        centered = x - mean
         ctx.save_for_backward(x)
-        count = _count(x.shape, axes)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = (centered * centered).sum(axis=axes, keepdims=keepdims)
-            return out / (count - correction) if count > correction else out * np.nan
+        return _variance(x, axes, keepdims, correction)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        axes, keepdims, correction = ctx.axes, ctx.keepdims, ctx.correction
+        grad_x = _variance_grad(ctx.xp, x, grad, ctx.axes, ctx.keepdims, ctx.correction)
+        return grad_x, None, None, None
+
+
+class Std(Function):
+    @staticmethod
+    def forward(ctx, x, axes, keepdims, correction):
+        ctx.axes, ctx.keepdims, ctx.correction = axes, keepdims, correction
+        out = ctx_xp(x).sqrt(_variance(x, axes, keepdims, correction))
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out = ctx.saved_tensors
         xp = ctx.xp
-        count = _count(x.shape, axes)
-        centered = x - xp.sum(x, axis=axes, keepdims=True) / count
-        grad = _expand_grad(xp, grad, x.shape, axes, keepdims)
-        return grad * centered * (2 / (count - correction)), None, None, None
+        # NOTE: d std = d var / (2 std). Where std is 0 (a constant input) the
+        # gradient is 0, PyTorch's choice, instead of 0 / 0.
+        grad_var = xp.where(out == 0, 0, grad / (2 * xp.where(out == 0, 1, out)))
+        grad_x = _variance_grad(xp, x, grad_var, ctx.axes, ctx.keepdims, ctx.correction)
+        return grad_x, None, None, None
 
 
 class MaxMin(Function):
@@ -258,15 +298,20 @@ def var(x, axis=None, keepdims=False, *, correction=None, unbiased=None, ddof=No
 
 def std(x, axis=None, keepdims=False, *, correction=None, unbiased=None, ddof=None,
         dim=None, keepdim=False):
-    """Return the standard deviation over ``axis`` (N - 1 divisor by default)."""
-    from ._unary import sqrt
+    """Return the standard deviation over ``axis`` (N - 1 divisor by default).
 
-    return sqrt(var(x, axis, keepdims, correction=correction, unbiased=unbiased,
-                    ddof=ddof, dim=dim, keepdim=keepdim))
+    The gradient is 0 where the standard deviation is 0, as in PyTorch.
+    """
+    x, axes, keepdims = _reduce_args("std", x, axis, keepdims, dim, keepdim)
+    check_float("std", x)
+    return Std.apply(x, axes, keepdims, _correction("std", correction, unbiased, ddof))
 
 
 def _max_min(op, largest, x, axis, keepdims, dim, keepdim):
-    torch_style = dim is not None
+    # One int axis (positional, axis= or dim=) gives (values, indices), as
+    # PyTorch's x.max(1) does, so `values, indices = x.max(1)` unpacks right.
+    single = axis if dim is None else dim
+    torch_style = isinstance(single, (int, np.integer)) and not isinstance(single, bool)
     x, axes, keepdims = _reduce_args(op, x, axis, keepdims, dim, keepdim)
     if x.data.size == 0:
         raise ValueError(f"{op}: the tensor of shape {tuple(x.shape)} has no elements")
@@ -275,7 +320,7 @@ def _max_min(op, largest, x, axis, keepdims, dim, keepdim):
     # PyTorch's x.max(dim=d) returns (values, indices) and sends the gradient
     # to the index it reports, not to every tie.
     if axes is None or len(axes) != 1:
-        raise TypeError(f"{op}(dim=...) takes a single axis")
+        raise TypeError(f"{op} with one int axis takes a single axis")
     axis_index = axes[0] if x.ndim else 0
     picker = x.data.argmax if largest else x.data.argmin
     indices = picker(axis=axis_index, keepdims=True) if x.ndim else x.data.reshape(()) * 0
@@ -297,10 +342,13 @@ def _const(array):
 
 
 def max(x, axis=None, keepdims=False, *, dim=None, keepdim=False):
-    """Return the maximum over ``axis``; ties share the gradient evenly.
+    """Return the maximum over ``axis``.
 
-    With PyTorch's ``dim=``, returns ``(values, indices)`` instead, and the
-    gradient goes to the reported index.
+    Over all elements (``axis=None``) or a tuple of axes, returns the values,
+    and ties share the gradient evenly. Over one int axis (``x.max(1)``,
+    ``axis=1`` or ``dim=1``), returns ``(values, indices)`` as PyTorch does,
+    and the gradient goes to the reported index. ``amax`` always returns
+    values only.
     """
     return _max_min("max", True, x, axis, keepdims, dim, keepdim)
 

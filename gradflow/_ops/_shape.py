@@ -2,8 +2,8 @@
 plus dtype casts, copies and device moves.
 
 Ops that return a view of their input (reshape, permute, expand, squeeze)
-share the input's version counter, so an in-place change through either is
-seen by whatever saved the other.
+mark it as one (gradflow._views), so an in-place change through either is
+seen by autograd through both.
 """
 
 import math
@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .. import _device
+from .._views import mark_view
 from ..autograd import Function
 from ._common import normalize_axes
 from ._unary import ctx_xp
@@ -157,11 +158,31 @@ def _tensor(x):
     return x if isinstance(x, Tensor) else tensor(x)
 
 
-def _share_version(out, x):
-    # A view of x's memory: one in-place change must be seen through both.
-    if out.data.base is not None:
-        out._version = x._version
-    return out
+class Fill(Function):
+    """A tensor of ``x``'s shape and dtype filled with ``value``; x's gradient is 0."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return ctx_xp(x).full_like(x, value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.xp.zeros_like(grad), None
+
+
+class CopyFrom(Function):
+    """``source`` broadcast to ``x``'s shape and cast to its dtype."""
+
+    @staticmethod
+    def forward(ctx, x, source):
+        out = ctx_xp(x).empty_like(x)
+        out[...] = source
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The engine sums the gradient to the source's shape and dtype.
+        return None, grad
 
 
 def _shape_arg(shape):
@@ -185,7 +206,7 @@ def reshape(x, *shape):
         )
     if shape == x.shape:
         return x
-    return _share_version(Reshape.apply(x, shape), x)
+    return mark_view(Reshape.apply(x, shape), x, "reshape", shape)
 
 
 def permute(x, *axes):
@@ -200,7 +221,7 @@ def permute(x, *axes):
     axes = tuple(a % x.ndim for a in axes)
     if axes == tuple(range(x.ndim)):
         return x
-    return _share_version(Permute.apply(x, axes), x)
+    return mark_view(Permute.apply(x, axes), x, "permute", axes)
 
 
 def transpose(x, dim0=None, dim1=None, axes=None):
@@ -247,7 +268,7 @@ def broadcast_to(x, shape):
         )
     if shape == x.shape:
         return x
-    return _share_version(BroadcastTo.apply(x, shape), x)
+    return mark_view(BroadcastTo.apply(x, shape), x, "broadcast", shape)
 
 
 def expand(x, *shape):

@@ -295,12 +295,20 @@ def square(x):
     return mul(x, x)
 
 
-def sign(x):
-    """Return the sign (-1, 0 or 1) of each element; it carries no gradient."""
-    from .._tensor import make_tensor
+class Sign(Function):
+    @staticmethod
+    def forward(ctx, x):
+        return ctx_xp(x).sign(x)
 
-    x = _tensor_arg(x, "sign")
-    return make_tensor(ctx_xp(x.data).sign(x.data))
+    @staticmethod
+    def backward(ctx, grad):
+        # The derivative is 0 wherever it exists, as PyTorch's sign reports.
+        return ctx.xp.zeros_like(grad)
+
+
+def sign(x):
+    """Return the sign (-1, 0 or 1) of each element; its gradient is zero."""
+    return Sign.apply(_tensor_arg(x, "sign"))
 
 
 def clamp(x, min=None, max=None):

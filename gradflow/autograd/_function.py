@@ -31,6 +31,7 @@ __all__ = ["Function", "Context", "once_differentiable"]
 Tensor = None
 make_tensor = None
 check_devices = None
+refresh_view = None
 
 # Called with each new record when non-empty (the saved-tensor ledger uses it).
 record_hooks = []
@@ -185,6 +186,8 @@ class Function:
         off_cpu = False
         for arg in args:
             if isinstance(arg, Tensor):
+                if arg._view is not None and arg._view[3] != arg._version[0]:
+                    refresh_view(arg)
                 data = arg.data
                 arrays.append(data)
                 tensor_count += 1
@@ -234,7 +237,7 @@ class Function:
             results = tuple(make_tensor(o, ctx, i) for i, o in enumerate(outputs))
         else:
             results = (make_tensor(out, ctx, 0),)
-        non_diff = ctx.__dict__.get("_non_diff")
+        non_diff = ctx.__dict__.pop("_non_diff", None)
         if non_diff:
             for t in results:
                 if any(t.data is a for a in non_diff):

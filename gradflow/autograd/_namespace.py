@@ -54,7 +54,7 @@ class TensorNamespace:
             "exp", "log", "sqrt", "abs", "sign", "sin", "cos", "tanh",
             "sigmoid", "erf", "where", "maximum", "minimum", "sum",
             "broadcast_to", "reshape", "swapaxes", "transpose", "matmul",
-            "expand_dims", "concatenate", "stack", "square", "log1p",
+            "expand_dims", "concatenate", "stack", "square", "log1p", "mean",
         ):
             setattr(self, name, getattr(gf, name))
 

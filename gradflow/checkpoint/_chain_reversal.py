@@ -5,11 +5,19 @@ and records only the last step. The backward runs the rest of the schedule:
 it advances from snapshots, and for each step in reverse order records the
 step, backpropagates one step and frees its graph. The layers may read
 parameters (leaf tensors), which are found while the forward runs.
+
+The first run of each step saves the random state of every device, and
+each later run of that step (all of them inside backward) restores it and
+counts as a recomputation for ``is_recomputing()``. So dropout draws the
+same mask every time and BatchNorm updates its running statistics once.
 """
 
-from .. import memory
+import contextlib
+
+from .. import _random, memory
 from .._tensor import Tensor, make_tensor
 from ..autograd import Function, _engine, _function, _grad_mode
+from ._region import recomputing
 from ._revolve import binomial_schedule
 from ._sequential import chain
 
@@ -40,12 +48,21 @@ class _Runner:
         self.counter.setdefault("advances", 0)
         self.parameters = []
         self.snapshots = {}
+        self.rng_states = {}
         self.last = None
 
     def advance(self, index, state):
         self.counter["advances"] += 1
-        with _grad_mode.no_grad():
+        with _grad_mode.no_grad(), self.running(index):
             return self.layers[index](state)
+
+    def running(self, index):
+        """Return the context for a run of step ``index``: its first, or a replay."""
+        states = self.rng_states.get(index)
+        if states is not None:
+            return recomputing(states)
+        self.rng_states[index] = _random.all_rng_states()
+        return contextlib.nullcontext()
 
     def forward_sweep(self, x):
         # State 0 is the chain's input, which the record saves as its
@@ -56,6 +73,7 @@ class _Runner:
         def note(tensors):
             touched.extend(t for t in tensors if t._requires_grad)
 
+        _random.generator_for(x.device)
         _function.unrecorded_hooks.append(note)
         try:
             state = x.detach()
@@ -72,7 +90,6 @@ class _Runner:
         self.parameters = _unique_leaves(touched)
         return state, last
 
-
     def restore(self, ctx, index):
         array = self.input.data if index == 0 else ctx.snapshots[index]
         return make_tensor(array)
@@ -82,7 +99,8 @@ class _Runner:
         # activation although the step reads it through a fresh leaf.
         if state.data is not self.input.data or self.input.grad_fn is not None:
             memory.mark_activation(state.data)
-        return _record_step(self.layers[index], state, touched)
+        with self.running(index):
+            return _record_step(self.layers[index], state, touched)
 
 
 def _record_step(layer, state, touched):
@@ -167,6 +185,9 @@ def _run_rest(ctx, runner, grad, totals):
         else:
             step = runner.record_step(index, state, [])
             grad = _step_backward(step, grad, runner.parameters, totals)
+            # Drop the step's graph now, so arrays its records keep in plain
+            # attributes are freed before the next step is recorded.
+            del step
     return grad
 
 

@@ -14,8 +14,10 @@ bytes fits the budget:
 
 The memory model: at any time the tape keeps the stored layers' arrays and
 each checkpointed segment's input. While a segment is recomputed in
-backward, the segments after it are already freed, and it adds its own
-arrays. Gradient buffers and temporaries outside the tape are not counted.
+backward, it adds its own arrays, and the segments after it are already
+freed except for the arrays their records keep in plain ``ctx`` attributes
+(``LayerProfile.attribute_bytes``), which live until the whole graph is
+dropped. Gradient buffers and temporaries outside the tape are not counted.
 """
 
 import math
@@ -39,19 +41,24 @@ _MAX_UNITS = 2048
 
 
 class LayerProfile:
-    """The cost of one layer: bytes kept for backward, and forward seconds."""
+    """The cost of one layer: bytes kept for backward, and forward seconds.
+
+    ``attribute_bytes`` is the part of ``internal_bytes`` that the layer's
+    records keep in plain ``ctx`` attributes, so backward does not free it.
+    """
 
     __slots__ = ("internal_bytes", "keeps_input", "keeps_output", "input_bytes",
-                 "output_bytes", "seconds")
+                 "output_bytes", "seconds", "attribute_bytes")
 
     def __init__(self, internal_bytes, keeps_input, keeps_output, input_bytes,
-                 output_bytes, seconds):
+                 output_bytes, seconds, attribute_bytes=0):
         self.internal_bytes = internal_bytes
         self.keeps_input = keeps_input
         self.keeps_output = keeps_output
         self.input_bytes = input_bytes
         self.output_bytes = output_bytes
         self.seconds = seconds
+        self.attribute_bytes = attribute_bytes
 
     def stored_bytes(self):
         """Return the bytes this layer alone keeps on the tape."""
@@ -200,11 +207,12 @@ def _profile_layer(layer, state, input_counts, repeats):
     keeps_output = ledger.holds(out.data)
     input_bytes = state.data.nbytes if input_counts else 0
     output_bytes = out.data.nbytes
-    internal = (ledger.activation_bytes - keeps_input * input_bytes
-                - keeps_output * output_bytes)
+    internal = max(ledger.activation_bytes - keeps_input * input_bytes
+                   - keeps_output * output_bytes, 0)
+    attributes = min(ledger.attribute_bytes, internal)
     seconds = _time_unrecorded(layer, state, repeats)
-    profile = LayerProfile(max(internal, 0), keeps_input, keeps_output,
-                           input_bytes, output_bytes, seconds)
+    profile = LayerProfile(internal, keeps_input, keeps_output, input_bytes,
+                           output_bytes, seconds, attributes)
     return profile, out
 
 
@@ -263,13 +271,19 @@ def _two_level_dp(profiles, units):
             for _ in range(n + 1)]
     cost[0][0][0] = 0.0
     seconds = np.concatenate([[0.0], np.cumsum([p.seconds for p in profiles])])
+    # NOTE: which later layers are stored is not known yet here, so a
+    # segment's recomputation is charged the attribute bytes of every later
+    # layer. This bound may reject a schedule that fits, never the reverse.
+    later = [units.of(sum(p.attribute_bytes for p in profiles[j:]))
+             for j in range(n + 1)]
     for i in range(n):
         for held in (0, 1):
             current = cost[i][held]
             if not np.isfinite(current).any():
                 continue
             _store_step(profiles, units, i, held, current, cost, back)
-            _segment_steps(profiles, units, i, held, current, seconds, cost, back)
+            _segment_steps(profiles, units, i, held, current, seconds, later,
+                           cost, back)
     return _trace_back(cost, back, n)
 
 
@@ -300,14 +314,18 @@ def _store_step(profiles, units, i, held, current, cost, back):
     _relax(cost, back, i + 1, int(p.keeps_output), current, add, (i, held))
 
 
-def _segment_steps(profiles, units, i, held, current, seconds, cost, back):
+def _segment_steps(profiles, units, i, held, current, seconds, later, cost,
+                   back):
     add = 0 if held else units.of(profiles[i].input_bytes)
     transient = 0
     for j in range(i + 1, len(profiles) + 1):
         transient += _recomputed_bytes(profiles, units, i, j)
-        limit = units.budget - add - transient
-        if limit < 0:
+        if units.budget - add - transient < 0:
             break
+        # The limit is not monotone in j, since later[j] shrinks as j grows.
+        limit = units.budget - add - transient - later[j]
+        if limit < 0:
+            continue
         candidate = current.copy()
         candidate[limit + 1:] = math.inf
         candidate = candidate + (seconds[j] - seconds[i])
@@ -370,7 +388,8 @@ def _two_level_peak(profiles, segments):
             if not held_boundary:
                 held_bytes += profiles[start].input_bytes
             transient = _segment_bytes(profiles, start, stop)
-            peak = max(peak, held_bytes + transient)
+            kept_later = _attribute_bytes_after(profiles, segments, stop)
+            peak = max(peak, held_bytes + transient + kept_later)
             held_boundary = False
         else:
             for i in range(start, stop):
@@ -381,6 +400,16 @@ def _two_level_peak(profiles, segments):
                 held_boundary = bool(p.keeps_output)
         peak = max(peak, held_bytes)
     return peak
+
+
+def _attribute_bytes_after(profiles, segments, stop):
+    # Stored layers after ``stop`` still keep their attribute arrays while
+    # an earlier segment is recomputed.
+    total = 0
+    for start, end, checkpointed in segments:
+        if not checkpointed and start >= stop:
+            total += sum(p.attribute_bytes for p in profiles[start:end])
+    return total
 
 
 def _segment_bytes(profiles, start, stop):
@@ -430,7 +459,20 @@ def _best_binomial(profiles, budget_bytes):
 
 
 def _layers_of(model):
+    is_module = hasattr(model, "children") and callable(model.children)
+    if not is_module and not isinstance(model, (list, tuple)):
+        raise TypeError(
+            "checkpoint_plan: model must be a gf.nn.Sequential or a list of "
+            f"layers, got {type(model).__name__}. Wrap a single function or "
+            "layer in a list, as [layer]."
+        )
     layers = list_layers(model)
+    for i, layer in enumerate(layers):
+        if not callable(layer):
+            raise TypeError(
+                f"checkpoint_plan: item {i} of the model is a "
+                f"{type(layer).__name__}, not a callable layer."
+            )
     if not layers:
         raise ValueError("checkpoint_plan: the model contains no layer.")
     return layers

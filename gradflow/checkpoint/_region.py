@@ -10,13 +10,19 @@ The recomputed graph must stop at the region's edge, because the engine walks
 every record it can reach. So each outside tensor that has a graph of its own
 is replaced, inside the recomputation, by a leaf proxy that shares its array.
 Under ``create_graph=True`` the proxies are spliced back to the real tensors
-afterwards, so higher-order gradients flow past the region.
+afterwards, so higher-order gradients flow past the region. The record then
+points at that recomputed graph. A later backward that reaches the record
+(a second-order one) passes its gradients into that graph instead of
+recomputing again. There they are summed with the gradients that the first
+backward's graph sends to the same values, as without checkpointing.
 
 Gradients equal those without checkpointing bit for bit on the CPU when each
 tensor's contributions are summed in the same order.
 NOTE: a tensor read in three or more places, split across regions, may get
 its contributions summed in another order, so its gradient may differ in the
-last bits.
+last bits. The same holds for a region output that a second-order backward
+reaches by three or more paths, because the paths from outside the region
+are summed first, at the record.
 """
 
 import contextlib
@@ -142,7 +148,10 @@ class _Region:
         self.kept = [entry.without_arrays() for entry in self.kept]
         self.pending = (arrays, kept)
         try:
-            tensors = _Checkpoint.apply(self, *externals)
+            # One None argument per output Tensor reserves an edge that a
+            # create_graph backward points at the recomputed output.
+            placeholders = [None] * self.output_count()
+            tensors = _Checkpoint.apply(self, *externals, *placeholders)
         finally:
             self.pending = None
         return self.rebuild_outputs(tensors)
@@ -193,20 +202,33 @@ class _Region:
 
     @contextlib.contextmanager
     def _replaying(self, kept_arrays):
-        current = _random.all_rng_states() if self.preserve_rng_state else None
-        if self.preserve_rng_state:
-            _random.set_all_rng_states(self.rng_states)
-        _state.depth = getattr(_state, "depth", 0) + 1
         _state.recomputed = recompute_count() + 1
-        try:
-            with _grad_mode.enable_grad(), replaying_kept_outputs(
-                self.policy, self.kept, kept_arrays
-            ):
-                yield
-        finally:
-            _state.depth -= 1
-            if current is not None:
-                _random.set_all_rng_states(current)
+        states = self.rng_states if self.preserve_rng_state else None
+        with recomputing(states), _grad_mode.enable_grad(), replaying_kept_outputs(
+            self.policy, self.kept, kept_arrays
+        ):
+            yield
+
+
+@contextlib.contextmanager
+def recomputing(rng_states=None):
+    """Mark the block as a recomputation, replaying ``rng_states`` when given.
+
+    ``is_recomputing()`` returns True inside the block. ``rng_states`` (from
+    ``_random.all_rng_states``) become the random state of every device for
+    the block, and the states from before it come back on exit.
+    """
+    current = None
+    if rng_states is not None:
+        current = _random.all_rng_states()
+        _random.set_all_rng_states(rng_states)
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+        if current is not None:
+            _random.set_all_rng_states(current)
 
 
 class _Slot:
@@ -235,11 +257,12 @@ class _Checkpoint(Function):
     @staticmethod
     def forward(ctx, region, *arrays):
         ctx.region = region
-        ctx.external_count = region.structure[3]
+        count = ctx.external_count = region.structure[3]
+        ctx.passes_through = False
         outputs, kept = region.pending
         # The kept outputs of a Policy are saved as temporaries after the
         # arguments, so backward frees them with the rest.
-        ctx.save_for_backward(*arrays, *kept)
+        ctx.save_for_backward(*arrays[:count], *kept)
         integer = [o for o in outputs if o.dtype.kind not in "fc"]
         if integer:
             ctx.mark_non_differentiable(*integer)
@@ -248,16 +271,57 @@ class _Checkpoint(Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         ctx.saved_tensors  # raises if freed or changed in place since
+        if ctx.passes_through:
+            return _pass_through(ctx, grad_outputs)
         region = ctx.region
         count = ctx.external_count
         externals = list(ctx.saved[:count])
         kept = list(ctx.saved[count:])
         create_graph = isinstance(grad_outputs[0], Tensor)
-        grads = _backward_region(region, externals, kept, grad_outputs, create_graph)
-        return (None, *grads)
+        grads, outputs = _backward_region(
+            region, externals, kept, grad_outputs, create_graph
+        )
+        if outputs is not None:
+            _point_at_recomputed(ctx, outputs)
+        return (None, *grads, *([None] * len(grad_outputs)))
+
+
+def _point_at_recomputed(ctx, outputs):
+    # The engine reads ctx.edges again after this backward returns, but the
+    # placeholder edges receive None from it, so only later passes use them.
+    first = 1 + ctx.external_count
+    for k, output in enumerate(outputs):
+        if output.grad_fn is not None:
+            edge = (output.grad_fn, output._out_index)
+        elif output._requires_grad:
+            edge = output
+        else:
+            continue
+        ctx.edges[first + k] = edge
+        ctx.input_meta[first + k] = (output.data.shape, output.data.dtype)
+    ctx.passes_through = True
+
+
+def _pass_through(ctx, grad_outputs):
+    """Return the gradients of a record that now leads into its recomputed graph."""
+    count = ctx.external_count
+    grads = [None] * (1 + count)
+    for i in range(1, 1 + count):
+        # The engine counts an edge to a record as one gradient that record
+        # waits for, so it gets zeros. The real gradient of that tensor
+        # arrives through the recomputed graph.
+        if type(ctx.edges[i]) is tuple:
+            shape, dtype = ctx.input_meta[i]
+            grads[i] = ctx.xp.zeros(shape, dtype=dtype)
+    return (*grads, *grad_outputs)
 
 
 def _backward_region(region, externals, kept, grad_outputs, create_graph):
+    """Recompute the region and backpropagate through it.
+
+    Returns the gradients of ``externals`` and, under ``create_graph``, the
+    recomputed outputs (None otherwise, or when nothing was backpropagated).
+    """
     outputs, records, proxies = region.recompute(externals, kept)
     roots, root_grads = [], []
     for output, grad in zip(outputs, grad_outputs):
@@ -268,7 +332,7 @@ def _backward_region(region, externals, kept, grad_outputs, create_graph):
     wanted = [i for i, t in enumerate(externals) if t._requires_grad]
     grads = [None] * len(externals)
     if not roots or not wanted:
-        return grads
+        return grads, None
     _function.record_hooks.append(records.append)
     try:
         found = _engine.run_backward(
@@ -282,7 +346,7 @@ def _backward_region(region, externals, kept, grad_outputs, create_graph):
     for i, grad in zip(wanted, found):
         if grad is not None:
             grads[i] = grad if create_graph else grad.data
-    return grads
+    return grads, (outputs if create_graph else None)
 
 
 def _edge_key(t):

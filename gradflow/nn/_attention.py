@@ -370,18 +370,33 @@ class MultiheadAttention(Module):
                     f"MultiheadAttention: {name} must be a Tensor, got "
                     f"{type(t).__name__}"
                 )
-            if t.ndim != query.ndim or t.ndim not in (2, 3) or t.shape[-1] != size:
-                raise ValueError(
-                    f"MultiheadAttention: {name} must be 3-D (batched) or 2-D "
-                    f"(unbatched) like query, with {size} features, got shape "
-                    f"{tuple(t.shape)} (query {tuple(query.shape)})"
-                )
+            self._check_layout(name, t, size, query)
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(
                 "MultiheadAttention: key and value must agree in every axis but "
                 f"the last, got {tuple(key.shape)} and {tuple(value.shape)}"
             )
         return query.ndim == 3
+
+    def _check_layout(self, name, t, size, query):
+        if t.ndim not in (2, 3):
+            raise ValueError(
+                f"MultiheadAttention: {name} must be 3-D (batched) or 2-D "
+                f"(unbatched), got shape {tuple(t.shape)}"
+            )
+        if t.ndim != query.ndim:
+            raise ValueError(
+                f"MultiheadAttention: {name} of shape {tuple(t.shape)} must have "
+                f"as many axes as query of shape {tuple(query.shape)}"
+            )
+        if t.shape[-1] != size:
+            option = {"query": "embed_dim", "key": "kdim", "value": "vdim"}[name]
+            raise ValueError(
+                f"MultiheadAttention: {name} must have {size} features ({option}) "
+                f"in its last axis, got shape {tuple(t.shape)} with "
+                f"{t.shape[-1]}. Project the input to {size} features or build "
+                f"the module with {option}={t.shape[-1]}."
+            )
 
     def _project(self, query, key, value):
         """Return the (N, length, E) projections of batch-first inputs."""

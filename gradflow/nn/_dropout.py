@@ -14,12 +14,14 @@ __all__ = ["dropout", "check_dropout_p"]
 class Dropout(Function):
     @staticmethod
     def forward(ctx, x, scaled_mask):
-        ctx.scaled_mask = scaled_mask
+        # Saved rather than kept in an attribute, so backward frees the mask.
+        ctx.save_for_backward(scaled_mask)
         return x * scaled_mask
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scaled_mask, None
+        (scaled_mask,) = ctx.saved_tensors
+        return grad * scaled_mask, None
 
 
 def check_dropout_p(op, p):

@@ -24,6 +24,7 @@ def linear(x, weight, bias=None):
     and ``bias`` (out_features,). A weight with requires_grad=False gets no
     gradient, and its gradient matmul is skipped.
     """
+    _check_linear_dtypes(x, weight)
     if x.shape[-1:] != weight.shape[-1:] or weight.ndim != 2:
         raise ValueError(
             f"linear: input of shape {tuple(x.shape)} does not fit a weight of "
@@ -34,6 +35,24 @@ def linear(x, weight, bias=None):
     if bias is None:
         return out
     return out + bias
+
+
+# The Tensor method that converts to each float dtype.
+_CAST_METHODS = {"float16": ".half()", "float32": ".float()", "float64": ".double()"}
+
+
+def _check_linear_dtypes(x, weight):
+    if x.dtype == weight.dtype:
+        return
+    wanted = _CAST_METHODS.get(str(weight.dtype), f".astype({weight.dtype})")
+    hint = f"Convert the input with {wanted}"
+    if str(x.dtype) in _CAST_METHODS:
+        hint += f" or the layer with {_CAST_METHODS[str(x.dtype)]}"
+    raise TypeError(
+        f"linear: input dtype {x.dtype} does not match weight dtype "
+        f"{weight.dtype} (input shape {tuple(x.shape)}, weight shape "
+        f"{tuple(weight.shape)}). {hint}."
+    )
 
 
 class Linear(Module):

@@ -376,13 +376,39 @@ def _nll_parts(log_probs, target, weight, ignore_index):
     return -selected * element_weight, element_weight
 
 
+class WeightedMean(Function):
+    """total_loss / total_weight, NaN when the weight is 0 but with a 0 gradient.
+
+    When every target is ignored, the total weight is 0 and the mean is
+    0/0 = NaN, as in PyTorch. A plain division would also send NaN into
+    every gradient (inf times the zero mask), so one fully padded batch
+    would spoil the parameters. Here the gradient is 0 in that case.
+    """
+
+    @staticmethod
+    def forward(ctx, total_loss, total_weight):
+        # NumPy's 0/0 warning is expected in the all-ignored case.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = total_loss / total_weight
+        ctx.save_for_backward(total_weight, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        total_weight, out = ctx.saved_tensors
+        xp = ctx.xp
+        empty = total_weight == 0
+        safe_weight = xp.where(empty, 1, total_weight)
+        safe_out = xp.where(empty, 0, out)
+        grad_loss = xp.where(empty, 0, grad / safe_weight)
+        grad_weight = xp.where(empty, 0, -grad * safe_out / safe_weight)
+        return grad_loss, grad_weight
+
+
 def _weighted_reduce(loss, element_weight, reduction):
     if reduction == "mean":
-        # NOTE: the mean divides by the total weight of the non-ignored
-        # targets, so it is NaN when every target is ignored (as in PyTorch).
-        # NumPy's 0/0 warning is silenced for that case.
-        with np.errstate(invalid="ignore"):
-            return loss.sum() / element_weight.sum()
+        # The mean divides by the total weight of the non-ignored targets.
+        return WeightedMean.apply(loss.sum(), element_weight.sum())
     return _reduce(loss, reduction)
 
 

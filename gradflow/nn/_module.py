@@ -44,6 +44,7 @@ class Parameter(Tensor):
         param._out_index = 0
         param._version = data._version if isinstance(data, Tensor) else [0]
         param._hooks = None
+        param._view = None
         param._requires_grad = False
         if requires_grad:
             param.requires_grad = True

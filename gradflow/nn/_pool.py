@@ -109,7 +109,10 @@ class MaxPool2dFunction(Function):
         arg = windows.argmax(axis=2)
         out = xp.take_along_axis(windows, arg[:, :, None], axis=2)[:, :, 0]
         indices = _argmax_positions(arg, geo, x.shape[3])
-        ctx.indices, ctx.in_shape = indices, x.shape
+        # The indices are saved (not kept in an attribute), so backward
+        # frees them.
+        ctx.save_for_backward(indices)
+        ctx.in_shape = x.shape
         ctx.mark_non_differentiable(indices)
         return out, indices
 
@@ -117,8 +120,12 @@ class MaxPool2dFunction(Function):
     def backward(ctx, grad, grad_indices):
         batch, channels, height, width = ctx.in_shape
         xp = ctx.xp
+        (indices,) = ctx.saved_tensors
+        # A recorded backward gets the indices back as a Tensor.
+        if isinstance(indices, Tensor):
+            indices = indices.data
         flat = xp.reshape(grad, (batch, channels, -1))
-        index = ctx.indices.reshape(batch, channels, -1)
+        index = indices.reshape(batch, channels, -1)
         module = array_module(index)
         target = (
             module.arange(batch).reshape(-1, 1, 1),

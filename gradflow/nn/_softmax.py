@@ -47,11 +47,12 @@ class LogSoftmax(Function):
         return grad - xp.exp(out) * total, None
 
 
-def _apply(function, name, x, dim):
+def _apply(function, name, x, dim, axis):
     from .._tensor import Tensor, tensor
 
     x = x if isinstance(x, Tensor) else tensor(x)
     check_float(name, x)
+    dim = _resolve_dim(name, dim, axis)
     if x.ndim == 0:
         # A 0-d tensor is one class: softmax is 1 and log-softmax is 0.
         normalize_axes(name, dim, 0)
@@ -60,15 +61,31 @@ def _apply(function, name, x, dim):
     return function.apply(x, axis)
 
 
-def softmax(x, dim=-1):
-    """Return exp(x) / sum(exp(x)) along ``dim``, computed without overflow.
+def _resolve_dim(name, dim, axis):
+    """Return the one axis given as PyTorch's ``dim`` or NumPy's ``axis``."""
+    if dim is not None and axis is not None:
+        raise TypeError(f"{name}: pass dim= or axis=, not both")
+    if dim is None and axis is None:
+        return -1
+    return dim if dim is not None else axis
+
+
+def softmax(x, dim=None, *, axis=None):
+    """Return exp(x) / sum(exp(x)) along one axis, computed without overflow.
+
+    The axis is given as ``dim`` or ``axis`` (not both) and defaults to the
+    last one.
 
     >>> gf.nn.functional.softmax(gf.tensor([0.0, 0.0]))
     tensor([0.5, 0.5])
     """
-    return _apply(Softmax, "softmax", x, dim)
+    return _apply(Softmax, "softmax", x, dim, axis)
 
 
-def log_softmax(x, dim=-1):
-    """Return log(softmax(x)) along ``dim`` as x - max - log(sum(exp(x - max)))."""
-    return _apply(LogSoftmax, "log_softmax", x, dim)
+def log_softmax(x, dim=None, *, axis=None):
+    """Return log(softmax(x)) as x - max - log(sum(exp(x - max))).
+
+    The axis is given as ``dim`` or ``axis`` (not both) and defaults to the
+    last one.
+    """
+    return _apply(LogSoftmax, "log_softmax", x, dim, axis)

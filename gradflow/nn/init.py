@@ -15,11 +15,13 @@ import numbers
 import numpy as np
 
 from .. import _random
+from .._special import erf
 from .._tensor import Tensor
 
 __all__ = [
     "calculate_gain", "uniform_", "normal_", "constant_", "zeros_", "ones_",
     "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+    "orthogonal_", "trunc_normal_",
 ]
 
 _LINEAR_GAIN = (
@@ -184,3 +186,101 @@ def kaiming_normal_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu"):
     fan = _fan("kaiming_normal_", tensor, mode)
     std = calculate_gain(nonlinearity, a) / math.sqrt(fan)
     return _fill_with(tensor, "standard_normal", scale=std, shift=0.0)
+
+
+def orthogonal_(tensor, gain=1.0):
+    """Fill ``tensor`` with a random (semi-)orthogonal matrix times ``gain``.
+
+    A tensor of shape (rows, *rest) is viewed as a (rows, cols) matrix with
+    cols = prod(rest). Its rows are orthonormal when rows <= cols, and its
+    columns otherwise. The matrix is the Q factor of the QR decomposition of
+    a standard normal draw, with the signs fixed so that R has a positive
+    diagonal, which makes Q uniform over the orthogonal matrices (Haar).
+    The QR decomposition runs in float64.
+
+    >>> w = gf.nn.init.orthogonal_(gf.empty(3, 5))
+    >>> np.allclose((w @ w.T).numpy(), np.eye(3), atol=1e-6)
+    True
+    """
+    _check_tensor("orthogonal_", tensor)
+    if tensor.ndim < 2:
+        raise ValueError(
+            "orthogonal_: expected a tensor with at least 2 dimensions, got "
+            f"shape {tuple(tensor.shape)}. Use normal_ for 1-D tensors."
+        )
+    if tensor.data.size == 0:
+        return tensor
+    rows = tensor.shape[0]
+    cols = tensor.data.size // rows
+    device = tensor.device
+    generator = _random.generator_for(device).draw()
+    xp = device.xp
+    with device:
+        draw = generator.standard_normal(size=(rows, cols), dtype=np.float64)
+        # QR of a tall matrix: transpose a wide draw, and transpose Q back.
+        q, r = xp.linalg.qr(draw.T if rows < cols else draw)
+        q = q * xp.where(xp.diagonal(r) < 0, -1.0, 1.0)
+        q = q.T if rows < cols else q
+        tensor.data[...] = (gain * q).reshape(tensor.shape)
+    tensor._version[0] += 1
+    return tensor
+
+
+def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0):
+    """Fill ``tensor`` from N(mean, std^2) truncated to [a, b].
+
+    ``a`` and ``b`` are absolute bounds, not multiples of ``std``. Samples
+    come from the inverse of the normal CDF applied to uniform draws between
+    CDF(a) and CDF(b), computed in float64, so no draw is rejected.
+
+    NOTE: when [a, b] lies far in one tail (more than about 8 std from
+    ``mean``), CDF(a) and CDF(b) round to the same float64 value and the
+    samples pile up at a bound.
+
+    >>> w = gf.nn.init.trunc_normal_(gf.empty(256), std=0.02, a=-0.04, b=0.04)
+    >>> bool((w.abs() <= 0.04).all())
+    True
+    """
+    _check_tensor("trunc_normal_", tensor)
+    if not std > 0:
+        raise ValueError(f"trunc_normal_: std must be positive, got {std}")
+    if not a < b:
+        raise ValueError(f"trunc_normal_: a ({a}) must be less than b ({b})")
+    if tensor.data.size == 0:
+        return tensor
+    low = _normal_cdf((a - mean) / std)
+    high = _normal_cdf((b - mean) / std)
+    device = tensor.device
+    generator = _random.generator_for(device).draw()
+    xp = device.xp
+    with device:
+        uniform = generator.random(size=tensor.shape, dtype=np.float64)
+        # 2 * CDF(z) - 1 = erf(z / sqrt(2)), so z = sqrt(2) * erfinv(2p - 1).
+        tiny = np.finfo(np.float64).eps
+        y = xp.clip(2 * (low + (high - low) * uniform) - 1, -1 + tiny, 1 - tiny)
+        values = mean + std * math.sqrt(2.0) * _erfinv(xp, y)
+        tensor.data[...] = xp.clip(values, a, b)
+    tensor._version[0] += 1
+    return tensor
+
+
+def _normal_cdf(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+# Constant of Winitzki's closed-form approximation of erfinv (S. Winitzki, "A
+# handy approximation for the error function and its inverse", 2008), whose
+# relative error is below about 2e-3.
+_WINITZKI_A = 0.147
+
+
+def _erfinv(xp, y):
+    """Return erfinv(y) for float64 ``y`` in (-1, 1), to about float64 precision."""
+    log_term = xp.log1p(-y * y)
+    first = 2.0 / (math.pi * _WINITZKI_A) + log_term / 2.0
+    x = xp.sign(y) * xp.sqrt(xp.sqrt(first * first - log_term / _WINITZKI_A) - first)
+    # Newton's method on erf(x) = y, whose derivative is 2 / sqrt(pi) * exp(-x^2),
+    # converges quadratically from the approximation, so three steps suffice.
+    for _ in range(3):
+        x = x - (erf(x) - y) / (2.0 / math.sqrt(math.pi) * xp.exp(-x * x))
+    return x
