@@ -43,6 +43,13 @@ DEFAULT_OUT = os.path.join("runs", "train_digits.safetensors")
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Train an MLP on scikit-learn's digits (or MNIST) with gradflow."
     )
@@ -67,7 +74,11 @@ def parse_args(argv=None):
         help="train on the MNIST IDX files in DIR instead of the digits")
     add("--quiet", action="store_true",
         help="show no progress bar and no log lines, only the results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser, args):
+    """Exit through ``parser.error`` when an option has an invalid value."""
     for name in ("epochs", "batch_size", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -78,7 +89,6 @@ def parse_args(argv=None):
         args.mnist_dir = os.path.expanduser(args.mnist_dir)
         if not os.path.isdir(args.mnist_dir):
             parser.error(f"--mnist-dir: directory {args.mnist_dir} not found")
-    return args
 
 
 def _check_device(parser, name):

@@ -66,7 +66,8 @@ def save(obj, path):
 
     The file is written to a temporary file in the same directory, flushed
     to disk and renamed over ``path``, so a failure leaves an existing
-    ``path`` unchanged.
+    ``path`` unchanged. A missing directory raises FileNotFoundError, and
+    nesting deeper than 100 levels raises ValueError.
 
     >>> gf.save({"model": model.state_dict(), "epoch": 3}, "ckpt.safetensors")
     """
@@ -92,7 +93,9 @@ def load(path, device=None):
     tensor bytes in another writer's file go undetected.
 
     Raises ValueError when ``path`` is not a safetensors file (a pickle,
-    for example), or is truncated or corrupted. Nothing is returned then.
+    for example), is truncated or corrupted, stores a dtype that NumPy
+    lacks (bfloat16, float8), or has a gradflow structure nested more than
+    100 levels deep or no digest. Nothing is returned then.
 
     >>> checkpoint = gf.load("ckpt.safetensors")
     >>> model.load_state_dict(checkpoint["model"])

@@ -476,14 +476,14 @@ def _parse_to_args(args, kwargs):
     return (None if device is None else _device.device(device)), dtype
 
 
-def _root_gradient(root, gradient, create_graph, where):
+def _root_gradient(root, gradient, create_graph, where, keyword="gradient"):
     if gradient is None:
         if root.data.size != 1:
             raise GraphError(
                 f"{where} of a tensor of shape {tuple(root.shape)} needs a "
-                "'gradient' argument of that shape, because an implicit "
+                f"'{keyword}' argument of that shape, because an implicit "
                 "gradient exists only for one-element outputs. Reduce it first "
-                "(e.g. loss.sum() or loss.mean()) or pass gradient=."
+                f"(e.g. loss.sum() or loss.mean()) or pass {keyword}=."
             )
         xp = _device.array_module(root.data)
         grad = xp.ones(root.shape, dtype=root.dtype)

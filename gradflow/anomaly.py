@@ -217,11 +217,11 @@ def _new_anomaly(value, inputs):
     input is finite, because an infinite input (such as the -inf of an
     attention mask) legitimately carries through to the output.
     """
+    if _is_finite(value):
+        return None
     if _has_nan(value):
         return "NaN"
-    if _is_finite(value) or not all(_is_finite(x) for x in inputs):
-        return None
-    return "Inf"
+    return "Inf" if all(_is_finite(x) for x in inputs) else None
 
 
 def _flag_op(outputs, inputs):

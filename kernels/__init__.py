@@ -15,6 +15,15 @@ import warnings
 
 import numpy as np
 
+from ._threads import limit_openmp_spinning
+
+# Here rather than only before the first kernel: a program that calls
+# numba.set_num_threads() starts Numba's OpenMP workers at that call, and
+# the setting must come first. NOTE: the variable is process-wide, so other
+# libraries on GNU OpenMP loaded after gradflow (PyTorch, for one) do not
+# spin-wait either, unless the user sets GOMP_SPINCOUNT.
+limit_openmp_spinning()
+
 __all__ = [
     "ACTIVATIONS", "CPU_MIN_SIZE", "activation_backward",
     "fused_activation_backward", "multi_tensor_plan",

@@ -308,7 +308,8 @@ def test_mha_key_feature_message(device):
 def test_mha_rejects_axis_count(device):
     module = gf.nn.MultiheadAttention(8, 2, device=device)
     x = gf.randn(4, 2, 8, device=device)
-    with pytest.raises(ValueError, match=r"query must be 3-D .* got shape \(1, 4, 2, 8\)"):
+    pattern = r"query must be 3-D .* got shape \(1, 4, 2, 8\)"
+    with pytest.raises(ValueError, match=pattern):
         module(x.unsqueeze(0), x, x)
     with pytest.raises(ValueError, match=r"key of shape \(2, 8\) must have as many"):
         module(x, x[0], x)

@@ -769,6 +769,94 @@ def test_init_empty_tensor_no_op():
     assert nn.init.kaiming_uniform_(weight) is weight
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4), (6, 2, 2)],
+                         ids=["wide", "tall", "square", "conv"])
+def test_orthogonal_is_orthogonal(device, shape):
+    weight = nn.Parameter(gf.empty(*shape, device=device))
+    assert nn.init.orthogonal_(weight) is weight
+    matrix = to_host(weight.detach()).reshape(shape[0], -1).astype(np.float64)
+    small = min(matrix.shape)
+    gram = matrix @ matrix.T if matrix.shape[0] == small else matrix.T @ matrix
+    np.testing.assert_allclose(gram, np.eye(small), atol=1e-5)
+    assert weight.requires_grad
+
+
+def test_orthogonal_gain(device):
+    weight = nn.init.orthogonal_(gf.empty(4, 4, dtype=gf.float64, device=device),
+                                 gain=3.0)
+    matrix = to_host(weight)
+    np.testing.assert_allclose(matrix @ matrix.T, 9.0 * np.eye(4), atol=1e-12)
+
+
+def test_orthogonal_reproducible(device):
+    gf.manual_seed(5)
+    first = to_host(nn.init.orthogonal_(gf.empty(3, 3, device=device)))
+    gf.manual_seed(5)
+    second = to_host(nn.init.orthogonal_(gf.empty(3, 3, device=device)))
+    np.testing.assert_array_equal(first, second)
+
+
+def test_orthogonal_rejects_1d():
+    with pytest.raises(ValueError, match="at least 2 dimensions.*\\(5,\\)"):
+        nn.init.orthogonal_(gf.empty(5))
+
+
+def _truncated_normal_moments(mean, std, a, b):
+    """Return the mean and variance of N(mean, std^2) truncated to [a, b]."""
+    alpha, beta = (a - mean) / std, (b - mean) / std
+
+    def pdf(z):
+        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    def cdf(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    mass = cdf(beta) - cdf(alpha)
+    shift = (pdf(alpha) - pdf(beta)) / mass
+    spread = (alpha * pdf(alpha) - beta * pdf(beta)) / mass
+    return mean + std * shift, std**2 * (1 + spread - shift**2)
+
+
+TRUNC_CASES = [
+    ("default", 0.0, 1.0, -2.0, 2.0),
+    ("asymmetric", 0.5, 2.0, -1.0, 3.0),
+    ("one_tail", 0.0, 1.0, 1.0, 4.0),
+    ("small_std", 0.0, 0.02, -0.04, 0.04),
+]
+
+
+@pytest.mark.parametrize("name, mean, std, a, b", TRUNC_CASES,
+                         ids=[c[0] for c in TRUNC_CASES])
+def test_trunc_normal_bounds_and_moments(device, name, mean, std, a, b):
+    weight = nn.Parameter(gf.empty(100_000, device=device))
+    assert nn.init.trunc_normal_(weight, mean, std, a, b) is weight
+    values = to_host(weight.detach()).astype(np.float64)
+    expected_mean, expected_var = _truncated_normal_moments(mean, std, a, b)
+    assert values.min() >= a
+    assert values.max() <= b
+    # 100,000 samples: the standard errors of both moments are at most about
+    # 0.45 % of the truncated std and variance, so each bound is 4 or more.
+    assert abs(values.mean() - expected_mean) < 0.02 * math.sqrt(expected_var)
+    assert abs(values.var() - expected_var) < 0.02 * expected_var
+
+
+def test_trunc_normal_reproducible(device):
+    gf.manual_seed(3)
+    first = to_host(nn.init.trunc_normal_(gf.empty(50, device=device)))
+    gf.manual_seed(3)
+    second = to_host(nn.init.trunc_normal_(gf.empty(50, device=device)))
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"std": 0.0}, "std must be positive, got 0.0"),
+    ({"a": 1.0, "b": 1.0}, r"a \(1.0\) must be less than b \(1.0\)"),
+], ids=["zero_std", "empty_interval"])
+def test_trunc_normal_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nn.init.trunc_normal_(gf.empty(4), **kwargs)
+
+
 GAINS = [
     ("linear", None, 1.0), ("conv2d", None, 1.0), ("sigmoid", None, 1.0),
     ("tanh", None, 5.0 / 3.0), ("relu", None, math.sqrt(2.0)),
@@ -792,6 +880,89 @@ def test_calculate_gain_matches_torch():
 def test_calculate_gain_rejects_unknown():
     with pytest.raises(ValueError, match="unsupported nonlinearity 'swish'"):
         nn.init.calculate_gain("swish")
+
+
+# -- parameter vectors ----------------------------------------------------------
+
+
+def _two_layers(device):
+    return nn.Sequential(nn.Linear(3, 2, device=device), nn.Linear(2, 1, device=device))
+
+
+def test_parameters_to_vector_order(device):
+    model = _two_layers(device)
+    vector = nn.utils.parameters_to_vector(model.parameters())
+    expected = np.concatenate([to_host(p.detach()).ravel() for p in model.parameters()])
+    assert vector.shape == (11,)
+    np.testing.assert_array_equal(to_host(vector.detach()), expected)
+
+
+def test_parameters_to_vector_gradient(device):
+    model = _two_layers(device)
+    weights = gf.arange(11, device=device).float()
+    (nn.utils.parameters_to_vector(model.parameters()) * weights).sum().backward()
+    np.testing.assert_array_equal(to_host(model[0].weight.grad),
+                                  np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(to_host(model[1].bias.grad), [10.0])
+
+
+def test_parameters_to_vector_matches_torch():
+    torch = pytest.importorskip("torch")
+    arrays = [np.arange(6.0).reshape(2, 3), np.array(7.0), np.ones((2, 1, 2))]
+    ours = nn.utils.parameters_to_vector([gf.tensor(a) for a in arrays])
+    theirs = torch.nn.utils.parameters_to_vector([torch.tensor(a) for a in arrays])
+    np.testing.assert_array_equal(to_host(ours), theirs.numpy())
+
+
+def test_vector_to_parameters_round_trip(device):
+    model = _two_layers(device)
+    values = gf.arange(11, device=device).float()
+    nn.utils.vector_to_parameters(values, model.parameters())
+    np.testing.assert_array_equal(to_host(model[0].weight.detach()),
+                                  np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(to_host(model[1].bias.detach()), [10.0])
+    vector = nn.utils.parameters_to_vector(model.parameters())
+    np.testing.assert_array_equal(to_host(vector.detach()), np.arange(11))
+
+
+def test_vector_to_parameters_keeps_objects(device):
+    model = _two_layers(device)
+    weight = model[0].weight
+    nn.utils.vector_to_parameters(gf.zeros(11, dtype=gf.float64, device=device),
+                                  model.parameters())
+    assert model[0].weight is weight
+    assert weight.dtype == gf.float32
+    assert weight.requires_grad
+
+
+def test_vector_to_parameters_bumps_version(device):
+    model = _two_layers(device)
+    before = model[0].weight._version[0]
+    nn.utils.vector_to_parameters(gf.zeros(11, device=device), model.parameters())
+    assert model[0].weight._version[0] == before + 1
+
+
+@pytest.mark.parametrize("shape", [(10,), (12,), (11, 1)], ids=["short", "long", "2d"])
+def test_vector_to_parameters_rejects_size(device, shape):
+    model = _two_layers(device)
+    with pytest.raises(ValueError, match=r"1-D with 11 elements.*got shape"):
+        nn.utils.vector_to_parameters(gf.zeros(*shape, device=device),
+                                      model.parameters())
+
+
+def test_vector_to_parameters_rejects_array():
+    with pytest.raises(TypeError, match="vec must be a Tensor, got ndarray"):
+        nn.utils.vector_to_parameters(np.zeros(3), [gf.zeros(3)])
+
+
+def test_parameter_vector_rejects_empty():
+    with pytest.raises(ValueError, match="parameters is empty"):
+        nn.utils.parameters_to_vector([])
+
+
+def test_parameter_vector_rejects_non_tensor():
+    with pytest.raises(TypeError, match="parameter 1 is a list"):
+        nn.utils.parameters_to_vector([gf.zeros(2), [1.0]])
 
 
 def test_deepcopy_copies_parameters():

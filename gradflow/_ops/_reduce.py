@@ -198,7 +198,9 @@ class LogSumExp(Function):
         xp = ctx.xp
         grad = _expand_grad(xp, grad, x.shape, axes, keepdims)
         out = xp.reshape(out, _keepdims_shape(x.shape, axes))
-        return grad * xp.exp(x - out), None, None
+        # A row of only -inf gives -inf - -inf = nan, PyTorch's value there too.
+        with np.errstate(invalid="ignore"):
+            return grad * xp.exp(x - out), None, None
 
 
 class Norm(Function):

@@ -29,7 +29,11 @@ def _root_grads(outputs, grad_outputs, create_graph, where):
         raise ValueError(
             f"{where}: got {len(grad_outputs)} grad_outputs for {len(outputs)} outputs"
         )
-    return [_root_gradient(o, g, create_graph, where) for o, g in zip(outputs, grad_outputs)]
+    keyword = "grad_outputs" if where == "gf.grad" else "grad_tensors"
+    return [
+        _root_gradient(o, g, create_graph, where, keyword)
+        for o, g in zip(outputs, grad_outputs)
+    ]
 
 
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,

@@ -44,8 +44,8 @@ _CAST_METHODS = {"float16": ".half()", "float32": ".float()", "float64": ".doubl
 def _check_linear_dtypes(x, weight):
     if x.dtype == weight.dtype:
         return
-    wanted = _CAST_METHODS.get(str(weight.dtype), f".astype({weight.dtype})")
-    hint = f"Convert the input with {wanted}"
+    cast = _CAST_METHODS.get(str(weight.dtype), f".astype({weight.dtype})")
+    hint = f"Convert the input with {cast}"
     if str(x.dtype) in _CAST_METHODS:
         hint += f" or the layer with {_CAST_METHODS[str(x.dtype)]}"
     raise TypeError(

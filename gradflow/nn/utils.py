@@ -1,4 +1,7 @@
-"""Gradient clipping: ``clip_grad_norm_`` and ``clip_grad_value_``.
+"""Utilities on parameters: gradient clipping and conversion to one vector.
+
+``parameters_to_vector`` and ``vector_to_parameters`` convert between a
+list of parameters and one flat 1-D tensor, in the order of the list.
 
 ``clip_grad_norm_`` follows PyTorch's rule: every gradient is multiplied by
 ``max_norm / (total_norm + 1e-6)``, capped at 1, where ``total_norm`` is the
@@ -15,7 +18,10 @@ import numpy as np
 
 from .._device import array_module
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_"]
+__all__ = [
+    "clip_grad_norm_", "clip_grad_value_", "parameters_to_vector",
+    "vector_to_parameters",
+]
 
 _EPSILON = 1e-6
 
@@ -82,6 +88,88 @@ def clip_grad_value_(parameters, clip_value):
         xp = array_module(grad.data)
         xp.clip(grad.data, -clip_value, clip_value, out=grad.data)
         grad._version[0] += 1
+
+
+def parameters_to_vector(parameters):
+    """Return the parameters flattened and concatenated into one 1-D tensor.
+
+    ``parameters`` is a Tensor or an iterable of Tensors on one device, such
+    as ``model.parameters()``. The result is recorded by autograd, so a
+    gradient flows back into every parameter that requires grad. Mixed
+    dtypes are promoted as ``gf.cat`` promotes them.
+
+    >>> layer = gf.nn.Linear(3, 2)
+    >>> gf.nn.utils.parameters_to_vector(layer.parameters()).shape
+    (8,)
+    """
+    from .. import _ops
+
+    tensors = _parameter_list(parameters, "parameters_to_vector")
+    return _ops.cat([t.reshape(-1) for t in tensors])
+
+
+def vector_to_parameters(vec, parameters):
+    """Copy consecutive slices of the 1-D tensor ``vec`` into ``parameters``.
+
+    Each parameter receives the next ``numel`` values of ``vec``, reshaped
+    to its shape and cast to its dtype, in place and outside autograd (as
+    under ``no_grad``). ``vec`` must be on the parameters' device and have
+    exactly as many elements as they have together. Unlike PyTorch, the
+    parameters keep their own arrays and dtypes instead of becoming views
+    of ``vec``.
+
+    >>> layer = gf.nn.Linear(3, 2)
+    >>> gf.nn.utils.vector_to_parameters(gf.zeros(8), layer.parameters())
+    """
+    from .._tensor import Tensor
+
+    op = "vector_to_parameters"
+    if not isinstance(vec, Tensor):
+        raise TypeError(f"{op}: vec must be a Tensor, got {type(vec).__name__}")
+    tensors = _parameter_list(parameters, op)
+    _check_vector(op, vec, tensors)
+    offset = 0
+    for t in tensors:
+        count = t.data.size
+        t.data[...] = vec.data[offset:offset + count].reshape(t.shape)
+        t._version[0] += 1
+        offset += count
+
+
+def _parameter_list(parameters, op):
+    """Return ``parameters`` as a non-empty list of Tensors on one device."""
+    from .._tensor import Tensor
+
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    tensors = list(parameters)
+    if not tensors:
+        raise ValueError(f"{op}: parameters is empty; pass at least one Tensor")
+    for index, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{op}: parameter {index} is a {type(t).__name__}; expected a Tensor"
+            )
+        if t.device != tensors[0].device:
+            raise RuntimeError(
+                f"{op}: parameter {index} is on {t.device} but parameter 0 is on "
+                f"{tensors[0].device}; move all parameters to one device first."
+            )
+    return tensors
+
+
+def _check_vector(op, vec, tensors):
+    total = sum(t.data.size for t in tensors)
+    if vec.ndim != 1 or vec.shape[0] != total:
+        raise ValueError(
+            f"{op}: vec must be 1-D with {total} elements, one per parameter "
+            f"value, got shape {tuple(vec.shape)}"
+        )
+    if vec.device != tensors[0].device:
+        raise RuntimeError(
+            f"{op}: vec is on {vec.device} but the parameters are on "
+            f"{tensors[0].device}; move it with .to('{tensors[0].device}')."
+        )
 
 
 # -- collecting the gradients --------------------------------------------
