@@ -273,18 +273,22 @@ class _NumpyAdam:
         self.v = [np.zeros_like(p) for p in flat]
 
     def step(self, params, grads):
+        # In place wherever NumPy allows, as a careful hand-written step would
+        # be: fresh temporaries of this size cost page faults on every step.
         self.t += 1
         b1, b2 = self.betas
+        step_size = self.lr / (1 - b1**self.t)
+        correction = math.sqrt(1 - b2**self.t)
         flat = [p for pair in params for p in pair]
         flat_grads = [g for pair in grads for g in pair]
         for p, g, m, v in zip(flat, flat_grads, self.m, self.v):
-            m *= b1
-            m += (1 - b1) * g
+            m += (1 - b1) * (g - m)
             v *= b2
             v += (1 - b2) * g * g
-            m_hat = m / (1 - b1**self.t)
-            v_hat = v / (1 - b2**self.t)
-            p -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+            denom = np.sqrt(v)
+            denom /= correction
+            denom += self.eps
+            p -= step_size * m / denom
 
 
 # -- MyGrad -------------------------------------------------------------------------

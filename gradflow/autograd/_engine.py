@@ -6,6 +6,8 @@ record runs only once all of them have delivered their gradient, so the
 gradient of a value used several times is summed before it flows further.
 """
 
+import gc
+
 from ..errors import GraphError
 from . import _grad_mode
 from ._function import Context
@@ -30,6 +32,20 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
     (``Tensor.backward``). Otherwise the gradients of ``inputs`` are returned
     and no ``.grad`` changes (``gradflow.grad``).
     """
+    # The walk allocates many small containers while the whole graph is alive,
+    # and each automatic collection would traverse that graph again; the walk
+    # creates no reference cycles, so collection waits until it ends.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _run(roots, root_grads, retain_graph, create_graph, inputs,
+                    allow_unused)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
     if retain_graph is None:
         retain_graph = create_graph
     captures = _capture_table(inputs) if inputs is not None else None
