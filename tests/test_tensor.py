@@ -645,3 +645,69 @@ def test_promotion_matches_torch(expression, expected):
                                              (True, np.bool_)])
 def test_full_dtype_follows_value(value, expected):
     assert gf.full((2,), value).dtype == expected
+
+
+def _view_view_inplace(a, b, lib):
+    x = a * 1
+    inner = x[1:][:, 0:2]
+    inner *= 3
+    return x
+
+
+def _setitem_view_with_grad_value(a, b, lib):
+    x = a * 1
+    row = x[0]
+    row[1:3] = b[:2] * 2
+    return x
+
+
+def _constant_base_grad_value(a, b, lib):
+    x = lib.zeros(3, 4, dtype=a.dtype)
+    row = x[2]
+    row += b
+    return x * a
+
+
+def _transpose_view_then_use(a, b, lib):
+    x = a * 1
+    t = x.T
+    t += b[:3]
+    return t * 2
+
+
+def _base_change_then_sibling_views(a, b, lib):
+    x = a * 1
+    first_row, second_column = x[0], x[:, 1]
+    x += 1
+    x *= b
+    return first_row + second_column[:1].sum()
+
+
+def _reshape_view_setitem(a, b, lib):
+    x = a * 2
+    flat = x.reshape(12)
+    flat[3] = flat[4] * 5
+    return x
+
+
+@pytest.mark.parametrize("fn", [
+    _view_view_inplace, _setitem_view_with_grad_value, _constant_base_grad_value,
+    _transpose_view_then_use, _base_change_then_sibling_views, _reshape_view_setitem,
+])
+def test_inplace_through_views_matches_torch(fn):
+    torch = pytest.importorskip("torch")
+    values = np.arange(12.0).reshape(3, 4)
+    a = gf.tensor(values, dtype=gf.float64, requires_grad=True)
+    b = gf.ones(4, dtype=gf.float64, requires_grad=True)
+    a_ref = torch.tensor(values, requires_grad=True)
+    b_ref = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    out, out_ref = fn(a, b, gf), fn(a_ref, b_ref, torch)
+    weights = np.random.default_rng(0).standard_normal(tuple(out_ref.shape))
+    (out * gf.tensor(weights)).sum().backward()
+    (out_ref * torch.tensor(weights)).sum().backward()
+    np.testing.assert_allclose(to_host(out), out_ref.detach().numpy())
+    np.testing.assert_allclose(to_host(a.grad), a_ref.grad.numpy())
+    if b_ref.grad is None:
+        assert b.grad is None
+    else:
+        np.testing.assert_allclose(to_host(b.grad), b_ref.grad.numpy())

@@ -96,12 +96,11 @@ def _pow_base_grad(xp, grad, base, exponent):
 
 
 def _pow_exponent_grad(xp, grad, base, exponent, out):
-    if True:
-            # NOTE: d(b**e)/de = b**e * log(b); PyTorch sets it to 0 where
-            # b == 0 and e >= 0 (the limit), instead of 0 * -inf = nan.
-        safe_log = xp.log(xp.where(base == 0, 1, base))
-        grad_exponent = grad * out * safe_log
-        return xp.where((base == 0) & (exponent >= 0), 0, grad_exponent)
+    # NOTE: d(b**e)/de = b**e * log(b); PyTorch sets it to 0 where b == 0 and
+    # e >= 0 (the limit), instead of 0 * -inf = nan.
+    safe_log = xp.log(xp.where(base == 0, 1, base))
+    grad_exponent = grad * out * safe_log
+    return xp.where((base == 0) & (exponent >= 0), 0, grad_exponent)
 
 
 class Neg(Function):
