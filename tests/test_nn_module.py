@@ -8,7 +8,7 @@ from conftest import to_host
 
 import gradflow as gf
 from gradflow import nn
-from gradflow._ops._arith import MatMul
+from gradflow.nn._layers import LinearFunction
 
 
 class Affine(nn.Module):
@@ -248,21 +248,21 @@ def test_module_requires_grad_off():
 # -- freezing -----------------------------------------------------------------
 
 
-def _record_matmul_backward(monkeypatch):
+def _record_linear_backward(monkeypatch):
     calls = []
-    original = MatMul.backward
+    original = LinearFunction.backward
 
     def recording(ctx, grad):
         result = original(ctx, grad)
         calls.append((ctx.needs_input_grad, result))
         return result
 
-    monkeypatch.setattr(MatMul, "backward", staticmethod(recording))
+    monkeypatch.setattr(LinearFunction, "backward", staticmethod(recording))
     return calls
 
 
 def test_frozen_weight_gets_no_grad(device, monkeypatch):
-    calls = _record_matmul_backward(monkeypatch)
+    calls = _record_linear_backward(monkeypatch)
     layer = nn.Linear(3, 2, device=device)
     layer.weight.requires_grad_(False)
     x = gf.randn(4, 3, device=device, requires_grad=True)
@@ -270,18 +270,29 @@ def test_frozen_weight_gets_no_grad(device, monkeypatch):
     assert layer.weight.grad is None
     assert x.grad is not None
     assert len(calls) == 1
-    assert calls[0][0] == (True, False)
+    assert calls[0][0] == (True, False, True)
     assert calls[0][1][1] is None
 
 
 def test_frozen_weight_skips_matmul(device, monkeypatch):
-    calls = _record_matmul_backward(monkeypatch)
+    calls = _record_linear_backward(monkeypatch)
     layer = nn.Linear(3, 2, device=device)
     layer.weight.requires_grad_(False)
     layer(gf.randn(4, 3, device=device)).sum().backward()
     assert layer.weight.grad is None
     assert layer.bias.grad is not None
-    assert calls == []
+    assert calls[0][0] == (False, False, True)
+    # Neither the input's nor the weight's gradient product was computed.
+    assert calls[0][1][0] is None
+    assert calls[0][1][1] is None
+
+
+def test_frozen_layer_records_nothing(device, monkeypatch):
+    calls = _record_linear_backward(monkeypatch)
+    layer = nn.Linear(3, 2, device=device).requires_grad_(False)
+    x = gf.randn(4, 3, device=device, requires_grad=True)
+    (layer(x) * x[:, :2]).sum().backward()
+    assert calls[0][0] == (True, False, False)
 
 
 # -- to(), dtype and device ---------------------------------------------------

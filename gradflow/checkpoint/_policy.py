@@ -33,8 +33,9 @@ class Policy:
     def __init__(self, keep=None):
         if keep is None:
             from .._ops._arith import MatMul
+            from ..nn._layers import LinearFunction
 
-            keep = (MatMul,)
+            keep = (MatMul, LinearFunction)
         keep = tuple(keep)
         for op in keep:
             if not (isinstance(op, type) and issubclass(op, _function.Function)):

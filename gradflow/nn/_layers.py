@@ -5,6 +5,7 @@ import operator
 
 from .. import _ops
 from .._factories import empty
+from ..autograd import Function
 from . import init
 from ._dropout import check_dropout_p, dropout
 from ._module import Module, Parameter
@@ -31,10 +32,47 @@ def linear(x, weight, bias=None):
             f"shape {tuple(weight.shape)}; the weight must be (out_features, "
             "in_features) with in_features equal to the input's last axis."
         )
-    out = _ops.matmul(x, weight.transpose(0, 1))
-    if bias is None:
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(
+            f"linear: bias dtype {bias.dtype} does not match weight dtype "
+            f"{weight.dtype}; convert the bias with .astype({weight.dtype})."
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"linear: bias of shape {tuple(bias.shape)} does not fit a weight of "
+            f"shape {tuple(weight.shape)}; it must be (out_features,)."
+        )
+    return LinearFunction.apply(x, weight, bias)
+
+
+class LinearFunction(Function):
+    """``x @ weight.T + bias`` as one record.
+
+    One record instead of a transpose, a matrix product and an add, and the
+    weight gradient comes out contiguous in the weight's own layout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        out = x @ weight.T
+        if bias is not None:
+            out += bias
         return out
-    return out + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        xp = ctx.xp
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        out_features, in_features = weight.shape
+        rows = xp.reshape(grad, (-1, out_features))
+        grad_x = grad @ weight if need_x else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = xp.swapaxes(rows, 0, 1) @ xp.reshape(x, (-1, in_features))
+        grad_bias = xp.sum(rows, axis=0) if need_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 # The Tensor method that converts to each float dtype.
