@@ -424,6 +424,8 @@ def make_tensor(data, grad_fn=None, out_index=0):
 
 
 def _check_grad_assignment(t, value):
+    if value is t:
+        raise ValueError("a tensor cannot be its own gradient; assign a copy (t.clone()).")
     if not isinstance(value, Tensor):
         raise TypeError(
             f"a gradient must be a Tensor or None, got {type(value).__name__}; "

@@ -75,6 +75,17 @@ def _logical(numpy_name):
     return logical
 
 
+def _floor_divide(a, b):
+    a_data = a.data if isinstance(a, Tensor) else a
+    b_data = b.data if isinstance(b, Tensor) else b
+    t = a if isinstance(a, Tensor) else b
+    return make_tensor(_array_op(t, np.floor_divide)(a_data, b_data))
+
+
+# Floor division carries no gradient (PyTorch defines none for it either).
+Tensor.__floordiv__ = lambda self, other: _floor_divide(self, _common.as_operand(other, self))
+Tensor.__rfloordiv__ = lambda self, other: _floor_divide(_common.as_operand(other, self), self)
+
 Tensor.__and__ = Tensor.__rand__ = _logical("logical_and")
 Tensor.__or__ = Tensor.__ror__ = _logical("logical_or")
 Tensor.__xor__ = Tensor.__rxor__ = _logical("logical_xor")
@@ -201,7 +212,15 @@ def _zero_(self):
 
 
 def _fill_(self, value):
-    """Fill this tensor with ``value`` in place."""
+    """Fill this tensor with ``value`` (a number or a 0-d tensor) in place."""
+    if isinstance(value, Tensor):
+        if value.ndim != 0:
+            raise ValueError(
+                f"fill_: the value must be a number or a 0-d tensor, got a "
+                f"tensor of shape {tuple(value.shape)}; use copy_() to copy "
+                "a tensor of values."
+            )
+        return self.copy_(value)
     _check_inplace(self, "fill_")
     if _records(self):
         return _record_inplace(self, _shape_ops.Fill.apply, value, name="fill_")

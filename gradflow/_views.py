@@ -18,9 +18,18 @@ from .errors import GraphError
 __all__ = ["mark_view", "refresh", "write_back"]
 
 
+def _owner(array):
+    # NumPy and CuPy point a view's .base at the array that owns the memory.
+    return array if array.base is None else array.base
+
+
 def mark_view(out, base, kind, arg):
-    """Mark ``out`` as a view of ``base`` when its array really is a view."""
-    if out.data.base is not None:
+    """Mark ``out`` as a view of ``base`` when its array shares base's memory.
+
+    A reshape that had to copy returns an array with a .base of its own (the
+    copy), so the owner of the memory is compared, not just "is a view".
+    """
+    if out.data.base is not None and _owner(out.data) is _owner(base.data):
         out._version = base._version
         out._view = (base, kind, arg, base._version[0])
     return out

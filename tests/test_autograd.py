@@ -438,3 +438,25 @@ def test_grad_outputs_of_wrong_shape_raises(device):
     wrong = gf.ones(1, 2, dtype=gf.float64, device=device)
     with pytest.raises(GraphError, match=r"gf.grad: 'gradient' has shape \(1, 2\)"):
         gf.grad(x * 2, [x], grad_outputs=[wrong])
+
+
+class _DropsFirstGradient(gf.autograd.Function):
+    """Returns None for its first input although that input requires grad."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def test_none_gradient_does_not_stall_parents():
+    x = gf.tensor([1.0, 2.0], dtype=gf.float64, requires_grad=True)
+    shared = x * 3
+    # shared reaches the loss directly and through an edge that returns None;
+    # the record behind shared must still run once the None is reported.
+    out = _DropsFirstGradient.apply(shared * 1, x) + shared
+    out.sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), [4.0, 4.0])

@@ -669,3 +669,12 @@ def test_float16_reduction_accumulates_wide(name, size, fill, expected, device):
     result = getattr(x, name)()
     assert result.dtype == np.float16
     assert result.item() == expected
+
+
+def test_pow_exponent_grad_negative_at_zero(device):
+    base = gf.tensor([0.0, 1.0], device=device, dtype=gf.float64, requires_grad=True)
+    exponent = gf.tensor([-1.0, -1.0], device=device, dtype=gf.float64,
+                         requires_grad=True)
+    (base ** exponent).sum().backward()
+    assert to_host(exponent.grad)[0] == -np.inf
+    assert to_host(exponent.grad)[1] == 0.0

@@ -711,3 +711,75 @@ def test_inplace_through_views_matches_torch(fn):
         assert b.grad is None
     else:
         np.testing.assert_allclose(to_host(b.grad), b_ref.grad.numpy())
+
+
+def test_write_through_integer_index_reaches_base():
+    x = gf.tensor([1.0, 2.0, 3.0, 4.0], dtype=gf.float64, requires_grad=True)
+    z = x * 1
+    element = z[2]
+    element += x[0]
+    (z * z).sum().backward()
+    np.testing.assert_array_equal(to_host(z), [1.0, 2.0, 4.0, 4.0])
+    np.testing.assert_array_equal(to_host(x.grad), [10.0, 4.0, 8.0, 8.0])
+
+
+def test_element_fill_without_grad_reaches_base():
+    b = gf.zeros(3, 3)
+    b[1, 2].fill_(5.0)
+    assert b.sum().item() == 5.0
+
+
+def test_copying_reshape_is_not_a_view():
+    x = gf.tensor(np.arange(6.0).reshape(2, 3), dtype=gf.float64, requires_grad=True)
+    z = x * 1
+    flat = z.T.reshape(6)
+    flat.mul_(10.0)
+    z.sum().backward()
+    np.testing.assert_array_equal(to_host(z), np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(to_host(x.grad), np.ones((2, 3)))
+
+
+def test_fill_with_tensor_value_carries_grad():
+    x = gf.tensor([1.0, 2.0, 3.0, 4.0], dtype=gf.float64, requires_grad=True)
+    z = x * 1
+    z[1:3].fill_(x[0] * 2)
+    (z * z).sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), [18.0, 0.0, 0.0, 8.0])
+
+
+def test_scalar_mul_allows_inplace_on_input():
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    z = x * 1
+    w = z * 2
+    z.add_(1)
+    w.sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), [2.0, 2.0])
+
+
+def test_saved_operand_still_guarded():
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    z = x * 1
+    w = z * x
+    z.add_(1)
+    with pytest.raises(gf.InplaceModificationError, match="Mul"):
+        w.sum().backward()
+
+
+def test_floor_division_has_no_grad():
+    x = gf.tensor([1, 5, 7])
+    np.testing.assert_array_equal(to_host(x // 2), [0, 2, 3])
+    np.testing.assert_array_equal(to_host(7 // gf.tensor([2, 3])), [3, 2])
+
+
+def test_grad_cannot_be_itself():
+    x = gf.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="own gradient"):
+        x.grad = x
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "bool"])
+def test_integer_sum_is_int64(dtype):
+    values = np.array([100, 100], dtype=dtype) if dtype != "bool" else np.ones(2, bool)
+    total = gf.tensor(values).sum()
+    assert total.dtype == np.int64
+    assert total.item() == int(values.astype(np.int64).sum())

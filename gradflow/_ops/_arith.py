@@ -39,7 +39,10 @@ class Sub(Function):
 class Mul(Function):
     @staticmethod
     def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
+        # Each gradient needs only the other operand, so only that is kept
+        # (an in-place change to an operand nothing reads is then allowed).
+        need_a, need_b = ctx.needs_input_grad
+        ctx.save_for_backward(a if need_b else None, b if need_a else None)
         return a * b
 
     @staticmethod
@@ -67,7 +70,9 @@ class Div(Function):
 class Pow(Function):
     @staticmethod
     def forward(ctx, base, exponent):
-        out = base**exponent
+        # 0 ** -1 is inf, the right value, so NumPy's warning is silenced.
+        with np.errstate(divide="ignore"):
+            out = base**exponent
         ctx.save_for_backward(base, exponent, out)
         return out
 
@@ -98,8 +103,8 @@ def _pow_base_grad(xp, grad, base, exponent):
 def _pow_exponent_grad(xp, grad, base, exponent, out):
     # NOTE: d(b**e)/de = b**e * log(b); PyTorch sets it to 0 where b == 0 and
     # e >= 0 (the limit), instead of 0 * -inf = nan.
-    safe_log = xp.log(xp.where(base == 0, 1, base))
-    grad_exponent = grad * out * safe_log
+    # A negative exponent at b == 0 keeps inf * -inf = -inf, PyTorch's value.
+    grad_exponent = grad * out * xp.log(base)
     return xp.where((base == 0) & (exponent >= 0), 0, grad_exponent)
 
 
@@ -118,7 +123,9 @@ class MatMul(Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
+        need_a, need_b = ctx.needs_input_grad
+        ctx.save_for_backward(a if need_b else None, b if need_a else None)
+        ctx.ndims = (a.ndim, b.ndim)
         return a @ b
 
     @staticmethod
@@ -126,15 +133,16 @@ class MatMul(Function):
         a, b = ctx.saved_tensors
         xp = ctx.xp
         need_a, need_b = ctx.needs_input_grad
-        if a.ndim == 1 and b.ndim == 1:
+        a_ndim, b_ndim = ctx.ndims
+        if a_ndim == 1 and b_ndim == 1:
             return (grad * b if need_a else None), (grad * a if need_b else None)
-        if a.ndim == 1:
+        if a_ndim == 1:
             # (k) @ (..., k, n): treat a as a (1, k) matrix.
             grad_row = xp.expand_dims(grad, -2)
             grad_a = (grad_row @ xp.swapaxes(b, -1, -2))[..., 0, :] if need_a else None
             grad_b = xp.expand_dims(a, -1) @ grad_row if need_b else None
             return grad_a, grad_b
-        if b.ndim == 1:
+        if b_ndim == 1:
             # (..., m, k) @ (k): treat b as a (k, 1) matrix.
             grad_col = xp.expand_dims(grad, -1)
             grad_a = grad_col @ xp.expand_dims(b, -2) if need_a else None

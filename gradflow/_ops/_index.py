@@ -110,10 +110,17 @@ def getitem(x, index):
     """Return ``x[index]`` (slices, ints, None, Ellipsis, int or bool arrays)."""
     xp = ctx_xp(x.data)
     index = normalize_index(index, x.shape, xp)
+    shown = index
+    if _is_basic(index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if Ellipsis not in parts:
+            # x[2] alone would give a NumPy scalar (a copy); x[2, ...] gives a
+            # 0-d view, so a write through it reaches x.
+            index = parts + (Ellipsis,)
     try:
         out = GetItem.apply(x, index)
     except IndexError as exc:
-        raise IndexError(f"index {index!r} is invalid for a tensor of shape "
+        raise IndexError(f"index {shown!r} is invalid for a tensor of shape "
                          f"{tuple(x.shape)}: {exc}") from None
     if _is_basic(index):
         mark_view(out, x, "index", index)

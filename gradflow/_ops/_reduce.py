@@ -48,11 +48,16 @@ def _sum(x, axes, keepdims):
     return x.sum(axis=axes, keepdims=keepdims)
 
 
+
+
+
 class Sum(Function):
     @staticmethod
     def forward(ctx, x, axes, keepdims):
         ctx.in_shape, ctx.axes, ctx.keepdims = x.shape, axes, keepdims
         with np.errstate(over="ignore"):  # a float16 total past 65504 is inf
+            if x.dtype.kind in "iub":
+                return x.sum(axis=axes, keepdims=keepdims, dtype=np.int64)
             return _sum(x, axes, keepdims).astype(x.dtype, copy=False)
 
     @staticmethod

@@ -76,7 +76,11 @@ def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
             if not retain_graph:
                 node.release()
             for edge, meta, grad in zip(node.edges, node.input_meta, grad_inputs):
-                if edge is None or grad is None:
+                if edge is None:
+                    continue
+                if grad is None:
+                    if type(edge) is tuple:
+                        _skip_edge(edge[0], dependencies, buffers, ready)
                     continue
                 if grad.shape != meta[0] or grad.dtype != meta[1]:
                     grad = _fit_to_input(node, grad, meta)
@@ -93,6 +97,30 @@ def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
     if inputs is None:
         return None
     return _gather_results(inputs, results, allow_unused)
+
+
+def _skip_edge(parent, dependencies, buffers, ready):
+    """Count an edge that carried no gradient as delivered.
+
+    A record becomes ready once every use of its outputs has reported, with
+    a gradient or without. One that ends up with no gradient at all never
+    runs, but still reports to its own parents, so they are not left
+    waiting for it.
+    """
+    stack = [parent]
+    while stack:
+        node = stack.pop()
+        if node not in dependencies:
+            # An edge attached during this walk (a checkpoint connects its
+            # recomputed outputs so), which no count included.
+            continue
+        dependencies[node] -= 1
+        if dependencies[node]:
+            continue
+        if node in buffers:
+            ready.append(node)
+        else:
+            stack.extend(edge[0] for edge in node.edges if type(edge) is tuple)
 
 
 def _capture_table(inputs):

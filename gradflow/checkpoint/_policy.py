@@ -51,16 +51,21 @@ class Policy:
 
 
 class _Kept:
-    """One call of a kept op, with its class, input shapes, output and saved inputs."""
+    """One call of a kept op: class, input shapes, output, saved inputs, attributes.
 
-    __slots__ = ("op", "shapes", "output", "saved_inputs", "is_tuple")
+    ``attributes`` are the plain ctx attributes the forward set (an axis, a
+    shape), which the replayed record needs as its backward reads them.
+    """
 
-    def __init__(self, op, shapes, output, saved_inputs):
+    __slots__ = ("op", "shapes", "output", "saved_inputs", "is_tuple", "attributes")
+
+    def __init__(self, op, shapes, output, saved_inputs, attributes=None):
         self.op = op
         self.shapes = shapes
         self.output = output
         self.saved_inputs = saved_inputs
         self.is_tuple = isinstance(output, tuple)
+        self.attributes = attributes or {}
 
     def arrays(self):
         if self.output is None:
@@ -70,7 +75,7 @@ class _Kept:
     def without_arrays(self):
         # The record keeps the arrays; the region keeps only their count.
         count = len(self.arrays()) if self.output is not None else None
-        entry = _Kept(self.op, self.shapes, count, self.saved_inputs)
+        entry = _Kept(self.op, self.shapes, count, self.saved_inputs, self.attributes)
         entry.is_tuple = self.is_tuple
         return entry
 
@@ -87,11 +92,16 @@ def recording_kept_outputs(policy, store):
         return
 
     def forward(cls, ctx, arrays, kwargs):
+        if cls in policy.keep:
+            # This pass runs unrecorded, where an op saves nothing for
+            # backward; a kept op must save what the replayed record reads.
+            ctx.needs_input_grad = (True,) * len(arrays)
         out = _run_below(forward, cls, ctx, arrays, kwargs)
         if cls in policy.keep:
             saved_inputs = _saved_input_positions(ctx, arrays)
             output = out if saved_inputs is not None else None
-            store.append(_Kept(cls, _shapes(arrays), output, saved_inputs))
+            attributes = dict(ctx.__dict__)
+            store.append(_Kept(cls, _shapes(arrays), output, saved_inputs, attributes))
         return out
 
     _function.forward_hooks.append(forward)
@@ -138,6 +148,7 @@ def replaying_kept_outputs(policy, store, arrays):
         if entry.output is None:
             return _run_below(forward, cls, ctx, inputs, kwargs)
         ctx.save_for_backward(*(inputs[i] for i in entry.saved_inputs))
+        ctx.__dict__.update(entry.attributes)
         start = position[1]
         position[1] += entry.output
         outputs = arrays[start:position[1]]

@@ -54,7 +54,9 @@ class LinearFunction(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        need_x, need_weight, _ = ctx.needs_input_grad
+        ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
+        ctx.weight_shape = weight.shape
         out = x @ weight.T
         if bias is not None:
             out += bias
@@ -65,7 +67,7 @@ class LinearFunction(Function):
         x, weight = ctx.saved_tensors
         xp = ctx.xp
         need_x, need_weight, need_bias = ctx.needs_input_grad
-        out_features, in_features = weight.shape
+        out_features, in_features = ctx.weight_shape
         rows = xp.reshape(grad, (-1, out_features))
         grad_x = grad @ weight if need_x else None
         grad_weight = None
