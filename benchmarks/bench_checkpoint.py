@@ -335,9 +335,10 @@ def main():
         "- At this shape the allocator peak is dominated by the weight "
         "gradients (4 MiB per block), so it moves little between modes; the "
         "ledger column shows the activations alone.",
-        "- The selective policy keeps each block's matmul output, and a "
-        "Linear+GELU block keeps only two arrays for backward (the matmul "
-        "input and the GELU input), so it keeps half of them plus the segment "
+        "- The selective policy keeps each block's Linear output (a matrix "
+        "product), and a Linear+GELU block keeps only two arrays for backward "
+        "(the Linear input and the GELU input), so it keeps half of them plus "
+        "the segment "
         "inputs and one recomputed segment: that design cannot cut much more "
         "than 40 %.",
         "- The machine's cores are shared with other processes, so step times "
