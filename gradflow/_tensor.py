@@ -123,7 +123,11 @@ class Tensor:
         """Return the shape, or the length of axis ``dim``."""
         if dim is None:
             return self.data.shape
-        return self.data.shape[_normalize_axis("size", dim, self.ndim)]
+        from ._ops._common import normalize_axes
+
+        if self.ndim == 0:
+            raise IndexError("size: a 0-d tensor has no axes; call size() without dim")
+        return self.data.shape[normalize_axes("size", dim, self.ndim)[0]]
 
     def numel(self):
         return int(self.data.size)
@@ -450,17 +454,6 @@ def _check_grad_assignment(t, value):
 
 def _host(array):
     return array if isinstance(array, np.ndarray) else array.get()
-
-
-def _normalize_axis(op, axis, ndim):
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-        raise TypeError(f"{op}: axis must be an int, got {axis!r}")
-    if not -max(ndim, 1) <= axis < max(ndim, 1):
-        raise IndexError(
-            f"{op}: axis {axis} is out of range for a tensor with {ndim} "
-            f"dimension(s) (valid: {-max(ndim, 1)} to {max(ndim, 1) - 1})"
-        )
-    return axis % max(ndim, 1)
 
 
 def _parse_to_args(args, kwargs):

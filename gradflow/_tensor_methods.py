@@ -4,9 +4,11 @@ In-place operators (``+=``, ``t[i] = v``, ``add_``, ...) follow PyTorch:
 
 * on a tensor outside any graph (no grad needed, or under ``no_grad``) they
   change the array's memory and bump the version counter;
-* on a tensor inside a graph they record the op out of place and rebind the
-  tensor to the result, so autograd stays exact, and still bump the counter
-  so that a record which saved the old value refuses to use it;
+* on a tensor inside a graph they record the op out of place on a copy of
+  the old value, then write the result into the tensor's own memory, so its
+  views see it. The counter is bumped, so a record that saved the old value
+  raises instead of using it. Through a view, the result is written back
+  into the base as a recorded op too (gradflow._views);
 * on a leaf that requires grad they raise, unless grad recording is off.
 """
 

@@ -32,9 +32,9 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
     (``Tensor.backward``). Otherwise the gradients of ``inputs`` are returned
     and no ``.grad`` changes (``gradflow.grad``).
     """
-    # The walk allocates many small containers while the whole graph is alive,
-    # and each automatic collection would traverse that graph again; the walk
-    # creates no reference cycles, so collection waits until it ends.
+    # The walk allocates many small containers while the whole graph is
+    # alive, and each automatic collection would traverse that graph again.
+    # The walk creates no reference cycles, so collection waits until it ends.
     collecting = gc.isenabled()
     gc.disable()
     try:
