@@ -6,6 +6,7 @@ CUDA device is usable": a machine with CuPy but no driver or no GPU still
 runs everything on the CPU and gets an error only when it asks for ``cuda``.
 """
 
+import contextlib
 import functools
 import logging
 
@@ -157,6 +158,13 @@ def device_of_array(array):
     if isinstance(array, np.ndarray):
         return CPU
     return Device("cuda", array.device.id)
+
+
+def on_device_of(array):
+    """Return a context manager that makes ``array``'s device current."""
+    if isinstance(array, np.ndarray):
+        return contextlib.nullcontext()
+    return array.device
 
 
 def array_module(array):

@@ -26,7 +26,7 @@ class Tensor:
 
     __slots__ = (
         "data", "_grad", "grad_fn", "_out_index", "_requires_grad", "_version",
-        "_hooks", "_view", "__weakref__",
+        "_hooks", "_view", "_grad_buffer", "__weakref__",
     )
     # NumPy defers to Tensor's reflected operators (array * tensor).
     __array_ufunc__ = None
@@ -41,6 +41,7 @@ class Tensor:
         self._version = [0]
         self._hooks = None
         self._view = None
+        self._grad_buffer = None
         self._requires_grad = False
         if requires_grad:
             self.requires_grad = True
@@ -72,6 +73,8 @@ class Tensor:
     def grad(self, value):
         if value is not None:
             _check_grad_assignment(self, value)
+        if self._grad_buffer is not None:
+            self._grad_buffer._note_assignment(self, value)
         self._grad = value
 
     @property
@@ -377,6 +380,8 @@ class Tensor:
 
         copied = _new_tensor(type(self))
         copied.data = self.data.copy()
+        # The copy's gradient is its own array, outside any GradientBuffer.
+        copied._grad_buffer = None
         copied.grad = None if self.grad is None else copy.deepcopy(self.grad, memo)
         copied.grad_fn = None
         copied._out_index = 0
@@ -424,6 +429,7 @@ def make_tensor(data, grad_fn=None, out_index=0):
     t._version = [0]
     t._hooks = None
     t._view = None
+    t._grad_buffer = None
     return t
 
 

@@ -293,6 +293,9 @@ def _accumulate_into(target, grad, detach):
             target.grad = target.grad + grad
             return
     if target.grad is None:
+        buffer = target._grad_buffer
+        if buffer is not None and buffer._fill(target, grad):
+            return
         # Copy, because the engine may hand the same array to several inputs
         # (an add passes its gradient through unchanged).
         target.grad = make_tensor(grad.copy())

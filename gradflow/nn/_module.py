@@ -39,6 +39,7 @@ class Parameter(Tensor):
         array = _to_array(data, None, None, copy=False)
         param = _new_object(cls)
         param.data = array
+        param._grad_buffer = None
         param.grad = None
         param.grad_fn = None
         param._out_index = 0

@@ -9,6 +9,9 @@ norm of all gradients taken together as one vector. It reduces and scales
 the gradients of a device through ``gradflow_kernels.multi_tensor_plan``
 (a fixed number of kernel launches, however many gradients there are) and
 falls back to a per-gradient NumPy/CuPy loop, the reference, otherwise.
+Given exactly the tensors of a ``GradientBuffer``, in its order, both
+clipping functions work on the buffer's flat arrays instead, with no
+Python work per gradient.
 """
 
 import math
@@ -17,10 +20,11 @@ import gradflow_kernels
 import numpy as np
 
 from .._device import array_module
+from ._grad_buffer import GradientBuffer
 
 __all__ = [
-    "clip_grad_norm_", "clip_grad_value_", "parameters_to_vector",
-    "vector_to_parameters",
+    "GradientBuffer", "clip_grad_norm_", "clip_grad_value_",
+    "parameters_to_vector", "vector_to_parameters",
 ]
 
 _EPSILON = 1e-6
@@ -58,6 +62,10 @@ def clip_grad_norm_(
     """
     norm_type = _check_norm_type(norm_type)
     max_norm = float(max_norm)
+    parameters = _as_list(parameters)
+    buffer = _whole_buffer(parameters) if foreach is not False else None
+    if buffer is not None:
+        return _clip_buffer(buffer, parameters, norm_type, max_norm, error_if_nonfinite)
     entries = _gradient_entries(parameters, "clip_grad_norm_")
     if not entries:
         return _zero_norm()
@@ -84,6 +92,11 @@ def clip_grad_value_(parameters, clip_value):
         raise ValueError(
             f"clip_grad_value_: clip_value must be >= 0, got {clip_value}"
         )
+    parameters = _as_list(parameters)
+    buffer = _whole_buffer(parameters)
+    if buffer is not None:
+        buffer._clip_values_(clip_value)
+        return
     for _, grad in _gradient_entries(parameters, "clip_grad_value_"):
         xp = array_module(grad.data)
         xp.clip(grad.data, -clip_value, clip_value, out=grad.data)
@@ -175,12 +188,26 @@ def _check_vector(op, vec, tensors):
 # -- collecting the gradients --------------------------------------------
 
 
+def _as_list(parameters):
+    from .._tensor import Tensor
+
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    return parameters if type(parameters) is list else list(parameters)
+
+
+def _whole_buffer(parameters):
+    """Return the GradientBuffer holding exactly the gradients of ``parameters``."""
+    buffer = getattr(parameters[0], "_grad_buffer", None) if parameters else None
+    if buffer is not None and buffer._holds_exactly(parameters):
+        return buffer
+    return None
+
+
 def _gradient_entries(parameters, op):
     """Return [(label, grad Tensor)] for the parameters that have a gradient."""
     from .._tensor import Tensor
 
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
     entries = []
     for index, item in enumerate(parameters):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
@@ -316,6 +343,18 @@ def _describe(label):
     return f"parameter {index}" if name is None else f"parameter {index} ({name!r})"
 
 
+def _clip_buffer(buffer, parameters, norm_type, max_norm, error_if_nonfinite):
+    with _quiet_nonfinite():
+        state = buffer._norm_state(norm_type, max_norm, _reference_state)
+    if error_if_nonfinite:
+        entries = _gradient_entries(parameters, "clip_grad_norm_")
+        _check_finite(entries, [(None, state)], norm_type)
+    with _quiet_nonfinite():
+        buffer._scale_(state)
+        dtype = np.result_type(*buffer._dtypes)
+        return _norm_from_state(state, dtype)
+
+
 # -- scaling and the result -------------------------------------------------
 
 
@@ -331,11 +370,15 @@ def _scale_group(group, plan, state):
 
 
 def _norm_tensor(entries, state):
-    from .._tensor import make_tensor
-
     dtype = np.result_type(*{grad.data.dtype for _, grad in entries})
     with _quiet_nonfinite():
-        return make_tensor(state[0:1].reshape(()).astype(dtype))
+        return _norm_from_state(state, dtype)
+
+
+def _norm_from_state(state, dtype):
+    from .._tensor import make_tensor
+
+    return make_tensor(state[0:1].reshape(()).astype(dtype))
 
 
 def _zero_norm():
