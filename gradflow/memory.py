@@ -2,10 +2,13 @@
 
 ``Ledger`` counts, while it is active, the bytes that live records hold for
 backward: the arrays in ``ctx.saved`` and the arrays some ops keep in plain
-``ctx`` attributes (index arrays, dropout masks, checkpoint snapshots). An
-array reachable from several records, also as a view, is counted once, by
-the buffer that owns its memory. Buffers owned by leaf tensors (parameters,
-input data) are reported apart from activations, since they live anyway.
+``ctx`` attributes (index arrays, dropout masks, checkpoint snapshots). A
+saved value that a saved-tensor pack hook replaced counts with the arrays it
+still holds. An array that a selective checkpoint recomputes for backward
+counts from its recomputation until it is freed. An array reachable from
+several records, also as a view, is counted once, by the buffer that owns its
+memory. Buffers owned by leaf tensors (parameters, input data) are reported
+apart from activations, since they live anyway.
 
 ``peak`` measures the allocator's high-water mark over a block: tracemalloc
 on the CPU (NumPy reports its buffers to it), a CuPy memory hook on a GPU.
@@ -26,7 +29,7 @@ import weakref
 
 from .autograd import _function
 
-__all__ = ["Ledger", "SavedArray", "peak", "saved_arrays"]
+__all__ = ["Ledger", "SavedArray", "note_recomputed", "peak", "saved_arrays"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _active = []
@@ -92,7 +95,7 @@ def saved_arrays(record):
     "attribute" for arrays in plain ``ctx`` attributes (freed with the record).
     """
     found = []
-    for value in record.saved:
+    for value in _saved_values(record):
         array = value.data if hasattr(value, "grad_fn") else value
         if _is_array(array):
             found.append((array, "saved"))
@@ -112,13 +115,35 @@ def _arrays_in(value):
     return []
 
 
+def _saved_values(record):
+    """Return the Tensors and arrays in ``record.saved``, packed ones unwrapped.
+
+    A pack hook may return a Tensor, an array, a tuple or list of them, or an
+    object whose ``held_arrays()`` lists the arrays it keeps. Other objects
+    hold nothing the ledger counts (an array moved to the host, for example).
+    """
+    values = []
+    for value in record.saved:
+        if type(value) is not _function._Packed:
+            values.append(value)
+            continue
+        packed = value.packed
+        if hasattr(packed, "held_arrays"):
+            values += packed.held_arrays()
+        elif isinstance(packed, (tuple, list)):
+            values += packed
+        else:
+            values.append(packed)
+    return values
+
+
 def _leaf_arrays(record):
     """Return the arrays of leaf tensors that ``record`` reads."""
     leaves = []
     for edge in record.edges:
         if edge is not None and type(edge) is not tuple:
             leaves.append(edge.data)
-    for value in record.saved:
+    for value in _saved_values(record):
         if hasattr(value, "grad_fn") and value.grad_fn is None:
             leaves.append(value.data)
     return leaves
@@ -288,6 +313,17 @@ class Ledger:
                 if buffer.leaf:
                     self.leaf_bytes -= buffer.nbytes
                 del self._buffers[key]
+
+
+def note_recomputed(array):
+    """Count ``array`` in every active ledger for as long as it lives.
+
+    The selective checkpoint calls this for each array it recomputes for a
+    backward, which frees it when that backward returns.
+    """
+    for ledger in _active:
+        key = ledger._add(_owner(array))
+        weakref.finalize(array, ledger._drop, [key])
 
 
 def notify_attributes_changed(record):

@@ -319,27 +319,33 @@ def test_sequential_rejects_bad_segments():
         gf.checkpoint_sequential(_mlp(1, 2, "cpu"), 5, gf.randn(1, 2))
 
 
-def test_selective_skips_matmul():
+def _selective_forward_calls(function, model, x):
+    """Return the forward calls of ``function`` in a selective step and backward."""
     calls = []
-    from gradflow.nn._layers import LinearFunction
+    original = function.forward
 
-    original = LinearFunction.forward
-
-    def counting(ctx, x, weight, bias):
+    def counting(ctx, *args, **kwargs):
         calls.append(1)
-        return original(ctx, x, weight, bias)
+        return original(ctx, *args, **kwargs)
 
-    model = _mlp(3, 8, "cpu")
-    x = gf.randn(4, 8)
-    LinearFunction.forward = staticmethod(counting)
+    function.forward = staticmethod(counting)
     try:
         y = gf.checkpoint(model, x, policy=gf.checkpoint.Policy())
         forward_calls = len(calls)
         y.sum().backward()
     finally:
-        LinearFunction.forward = staticmethod(original)
+        function.forward = staticmethod(original)
+    return forward_calls, len(calls) - forward_calls
+
+
+def test_selective_skips_matmul():
+    from gradflow.nn._layers import LinearFunction
+
+    model = _mlp(3, 8, "cpu")
+    forward_calls, backward_calls = _selective_forward_calls(
+        LinearFunction, model, gf.randn(4, 8))
     assert forward_calls == 3
-    assert len(calls) == 3
+    assert backward_calls == 0
 
 
 def test_policy_rejects_non_function():
@@ -357,3 +363,156 @@ def test_structure_change_raises():
     a, b = gf.checkpoint(fn, gf.randn(3, requires_grad=True))
     with pytest.raises(gf.GraphError, match="same ops"):
         b.sum().backward()
+
+
+def _gelu_chain(depth, width, dtype=gf.float32):
+    gf.manual_seed(0)
+    return _mlp(depth, width, "cpu", dtype)
+
+
+def test_selective_grad_function():
+    model = _gelu_chain(3, 8)
+    x = gf.randn(4, 8, requires_grad=True)
+    params = list(model.parameters())
+    policy = gf.checkpoint.Policy()
+    expected = gf.grad(model(x).square().sum(), [x] + params)
+    actual = gf.grad(gf.checkpoint(model, x, policy=policy).square().sum(),
+                     [x] + params)
+    for e, a in zip(expected, actual):
+        assert np.array_equal(e.numpy(), a.numpy())
+    assert x.grad is None
+
+
+def _second_order_gelu(x, w, policy):
+    x.grad = w.grad = None
+
+    def block(u):
+        return gf.gelu(gf.gelu(u @ w) @ w)
+
+    h = block(x) if policy is None else gf.checkpoint(block, x, policy=policy)
+    (gx,) = gf.grad(h.tanh().sum(), [x], create_graph=True)
+    (gx * gx).sum().backward()
+    return x.grad.numpy().copy(), w.grad.numpy().copy()
+
+
+@pytest.mark.parametrize("dtype", [gf.float32, gf.float64])
+def test_selective_create_graph_bitwise(dtype):
+    gf.manual_seed(0)
+    w = gf.randn(4, 4, dtype=dtype, requires_grad=True)
+    x = gf.randn(3, 4, dtype=dtype, requires_grad=True)
+    expected = _second_order_gelu(x, w, None)
+    actual = _second_order_gelu(x, w, gf.checkpoint.Policy())
+    assert np.array_equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1])
+
+
+def test_selective_nested_with_whole():
+    model = _gelu_chain(4, 8)
+    inner = list(model.children())
+    policy = gf.checkpoint.Policy()
+
+    def whole_inside(x):
+        x = gf.checkpoint(gf.nn.Sequential(*inner[:4]), x)
+        return gf.nn.Sequential(*inner[4:])(x)
+
+    def selective_inside(x):
+        x = gf.checkpoint(gf.nn.Sequential(*inner[:4]), x, policy=policy)
+        return gf.nn.Sequential(*inner[4:])(x)
+
+    x = gf.randn(4, 8, requires_grad=True)
+    expected = _grads(model, x, _plain)
+    runs = [
+        lambda m, t: gf.checkpoint(whole_inside, t, policy=policy),
+        lambda m, t: gf.checkpoint(selective_inside, t),
+        lambda m, t: gf.checkpoint(
+            lambda u: gf.checkpoint(m, u, policy=policy), t, policy=policy),
+    ]
+    for run in runs:
+        _assert_same(expected, _grads(model, x, run), gf.device("cpu"))
+
+
+class _Residual(gf.nn.Module):
+    def __init__(self, width, dtype):
+        super().__init__()
+        self.linear = gf.nn.Linear(width, width, dtype=dtype)
+
+    def forward(self, x):
+        return x + gf.gelu(self.linear(x))
+
+
+@pytest.mark.parametrize("max_ops", [0, 1, 4, 8])
+def test_selective_residual_bitwise(max_ops):
+    gf.manual_seed(0)
+    model = gf.nn.Sequential(*[_Residual(8, gf.float64) for _ in range(6)])
+    x = gf.randn(4, 8, dtype=gf.float64, requires_grad=True)
+    policy = gf.checkpoint.Policy(max_recomputed_ops=max_ops)
+    expected = _grads(model, x, _plain)
+    actual = _grads(model, x, lambda m, t: gf.checkpoint(m, t, policy=policy))
+    _assert_same(expected, actual, gf.device("cpu"))
+
+
+def _peak_bytes(model, x, run):
+    with gf.memory.Ledger() as ledger:
+        run(model, x).sum().backward()
+    return ledger.peak_activation_bytes
+
+
+def test_selective_halves_chain_memory():
+    model = _gelu_chain(6, 16)
+    x = gf.randn(8, 16)
+    unit = 8 * 16 * 4
+    policy = gf.checkpoint.Policy()
+    # Plain: each GELU saves its input, and each Linear but the first saves
+    # the GELU output before it (the first reads x, a leaf).
+    assert _peak_bytes(model, x, _plain) == (6 + 5) * unit
+    # Selective: the GELU inputs alone. Backward recomputes one GELU output
+    # at a time, after the last GELU has freed its input.
+    selective = _peak_bytes(model, x, lambda m, t: gf.checkpoint(m, t, policy=policy))
+    assert selective == 6 * unit
+
+
+def test_selective_without_recomputation():
+    model = _gelu_chain(3, 16)
+    x = gf.randn(8, 16)
+    policy = gf.checkpoint.Policy(max_recomputed_ops=0)
+    run = lambda m, t: gf.checkpoint(m, t, policy=policy)  # noqa: E731
+    assert _peak_bytes(model, x, run) == _peak_bytes(model, x, _plain)
+
+
+def test_selective_recomputes_each_gelu_once():
+    from gradflow._ops._activation import Gelu
+
+    model = _gelu_chain(4, 8)
+    forward_calls, backward_calls = _selective_forward_calls(
+        Gelu, model, gf.randn(4, 8))
+    assert forward_calls == 4
+    # The last GELU's output is not saved by any op, so it is not recomputed.
+    assert backward_calls == 3
+
+
+def test_selective_inplace_change_detected():
+    w = gf.randn(4, 4, requires_grad=True)
+    x = gf.randn(3, 4, requires_grad=True)
+
+    def block(u):
+        h = u @ w
+        return gf.gelu(h) @ w, h
+
+    y, h = gf.checkpoint(block, x, policy=gf.checkpoint.Policy())
+    with gf.no_grad():
+        h += 1
+    with pytest.raises(gf.InplaceModificationError):
+        y.sum().backward()
+
+
+def test_policy_rejects_bad_max_ops():
+    with pytest.raises(ValueError, match="max_recomputed_ops"):
+        gf.checkpoint.Policy(max_recomputed_ops=-1)
+    with pytest.raises(ValueError, match="max_recomputed_ops"):
+        gf.checkpoint.Policy(max_recomputed_ops=1.5)
+
+
+def test_checkpoint_rejects_non_policy():
+    with pytest.raises(TypeError, match="gf.checkpoint.Policy"):
+        gf.checkpoint(lambda t: t * 2, gf.randn(2, requires_grad=True),
+                      policy="matmul")

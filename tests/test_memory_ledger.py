@@ -145,6 +145,22 @@ def test_checkpoint_keeps_only_input():
     assert y.requires_grad
 
 
+def test_selective_recipe_counts_shared_array():
+    w = gf.randn(16, 16, requires_grad=True)
+    x = gf.randn(4, 16)
+    with gf.memory.Ledger() as ledger:
+        y = gf.checkpoint(lambda t: gf.gelu(t @ w) @ w, x,
+                          policy=gf.checkpoint.Policy())
+        # The GELU saves the product, and the second product's recipe for the
+        # GELU output contains that same array, so it counts once.
+        assert ledger.activation_bytes == 4 * 16 * 4
+        matmul = y.grad_fn
+        recomputed = matmul.saved_tensors[0]
+        assert ledger.activation_bytes == 2 * 4 * 16 * 4
+        del recomputed
+        assert ledger.activation_bytes == 4 * 16 * 4
+
+
 def test_cpu_peak_measures_block():
     with gf.memory.peak() as p:
         a = np.ones(1_000_000, dtype=np.float64)

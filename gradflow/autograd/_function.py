@@ -47,6 +47,10 @@ forward_hooks = []
 # Called with each record right after backward freed its saved arrays.
 release_hooks = []
 
+# The (pack_hook, unpack_hook) pairs of the active gf.autograd.graph
+# saved_tensors_hooks blocks, innermost last. Only the last pair applies.
+saved_tensors_hooks = []
+
 # Called as anomaly_hook(ctx, args, outputs) after every forward while
 # gradflow.anomaly's detection is on; None otherwise.
 anomaly_hook = None
@@ -90,6 +94,30 @@ class Context:
     @property
     def saved_tensors(self):
         """The saved values: arrays, or Tensors while backward is recorded."""
+        self._check_readable()
+        kinds = self._saved_kinds
+        if kinds is None:
+            return self.saved
+        if _grad_mode.is_grad_enabled():
+            return tuple(self._unpack_tensor(i) for i in range(len(self.saved)))
+        return tuple(
+            _unpack_array(s) if kind == "input" or type(s) is _Packed else s
+            for s, kind in zip(self.saved, kinds)
+        )
+
+    def _saved_values(self):
+        # The saved values as the record kept them before any pack hook ran:
+        # Tensors for inputs, arrays for outputs and temporaries.
+        self._check_readable()
+        kinds = self._saved_kinds
+        if kinds is None:
+            return self.saved
+        return tuple(
+            self._unpack_tensor(i) if kind == "input" else _unpack_array(s)
+            for i, (s, kind) in enumerate(zip(self.saved, kinds))
+        )
+
+    def _check_readable(self):
         if self._released:
             raise GraphFreedError(
                 f"backward reached '{self.name}' a second time, but its saved "
@@ -97,19 +125,13 @@ class Context:
                 "retain_graph=True to the first backward (or gf.grad) if you "
                 "need to run backward through this graph again."
             )
-        kinds = self._saved_kinds
-        if kinds is None:
-            return self.saved
         if self._saved_versions:
             self._check_versions()
-        if _grad_mode.is_grad_enabled():
-            return tuple(self._unpack_tensor(i) for i in range(len(self.saved)))
-        return tuple(
-            s.data if kind == "input" else s for s, kind in zip(self.saved, kinds)
-        )
 
     def _unpack_tensor(self, i):
         value, kind = self.saved[i], self._saved_kinds[i]
+        if type(value) is _Packed:
+            return self._restore_graph(value, kind)
         if kind == "input":
             return value
         if isinstance(kind, int):
@@ -117,6 +139,22 @@ class Context:
             # recorded backward can differentiate through it.
             return make_tensor(value, self, kind)
         return make_tensor(value)
+
+    def _restore_graph(self, packed, kind):
+        # The unpack hook returns the content. The graph comes from the record:
+        # an input gets the edge this record has to it, an output this record.
+        data = packed.unpack().data
+        if isinstance(kind, int):
+            return make_tensor(data, self, kind)
+        if kind != "input":
+            return make_tensor(data)
+        edge = self.edges[packed.position]
+        if edge is None:
+            return make_tensor(data)
+        if type(edge) is tuple:
+            return make_tensor(data, edge[0], edge[1])
+        # A leaf input: its own Tensor, so gradients reach it.
+        return edge
 
     def _check_versions(self):
         for index, counter, version in self._saved_versions:
@@ -138,6 +176,41 @@ class Context:
         self._released = True
         for hook in release_hooks:
             hook(self)
+
+
+class _Packed:
+    """A saved value that a pack hook replaced, and how to get it back.
+
+    ``position`` is the argument position of a saved input, whose edge gives
+    the unpacked Tensor its graph again. ``shape`` is the saved value's, for
+    error messages.
+    """
+
+    __slots__ = ("packed", "unpack_hook", "position", "shape")
+
+    def __init__(self, packed, unpack_hook, position, shape):
+        self.packed = packed
+        self.unpack_hook = unpack_hook
+        self.position = position
+        self.shape = shape
+
+    def unpack(self):
+        """Run the unpack hook and return the Tensor it gives back."""
+        with _grad_mode.no_grad():
+            tensor = self.unpack_hook(self.packed)
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                "saved_tensors_hooks: unpack_hook must return a Tensor, got "
+                f"{type(tensor).__name__}. Return the Tensor (or one with the "
+                "same content) that pack_hook received."
+            )
+        return tensor
+
+
+def _unpack_array(value):
+    if type(value) is _Packed:
+        return value.unpack().data
+    return value.data if isinstance(value, Tensor) else value
 
 
 def once_differentiable(backward):
@@ -280,24 +353,49 @@ def _resolve_saved(ctx, args, arrays, outputs):
     saved = []
     kinds = []
     versions = []
+    positions = []
     for i, value in enumerate(ctx.saved):
         kind = None
-        for arg, array in zip(args, arrays):
+        position = None
+        for position, (arg, array) in enumerate(zip(args, arrays)):
             if value is array and isinstance(arg, Tensor):
                 kind = "input"
                 versions.append((i, arg._version, arg._version[0]))
                 value = arg
                 break
         else:
+            position = None
             for j, out in enumerate(outputs):
                 if value is out:
                     kind = j
                     break
         saved.append(value)
         kinds.append(kind)
+        positions.append(position)
+    if saved_tensors_hooks:
+        saved = _pack_saved(saved, kinds, positions)
     ctx.saved = tuple(saved)
     ctx._saved_kinds = kinds
     ctx._saved_versions = versions
+
+
+def _pack_saved(saved, kinds, positions):
+    """Pass each saved value through the innermost pack hook."""
+    pack_hook, unpack_hook = saved_tensors_hooks[-1]
+    packed = []
+    for value, kind, position in zip(saved, kinds, positions):
+        if kind != "input":
+            if not hasattr(value, "shape"):
+                # None or another non-array value: nothing to pack.
+                packed.append(value)
+                continue
+            # The output Tensor does not exist yet, and holding it would
+            # make a cycle, so the hook receives a Tensor of the array alone.
+            value = make_tensor(value)
+        with _grad_mode.no_grad():
+            result = pack_hook(value)
+        packed.append(_Packed(result, unpack_hook, position, value.shape))
+    return packed
 
 
 def _note_output_versions(ctx, results):

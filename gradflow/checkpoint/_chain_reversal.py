@@ -17,6 +17,7 @@ import contextlib
 from .. import _random, memory
 from .._tensor import Tensor, make_tensor
 from ..autograd import Function, _engine, _function, _grad_mode
+from ._policy import never_replayed
 from ._region import recomputing
 from ._revolve import binomial_schedule
 from ._sequential import chain
@@ -136,6 +137,7 @@ def _unique_leaves(tensors):
     return out
 
 
+@never_replayed
 class _Binomial(Function):
     """The tape record of a chain run under the binomial schedule."""
 

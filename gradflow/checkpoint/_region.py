@@ -32,7 +32,7 @@ from .. import _random, memory
 from .._tensor import Tensor, make_tensor
 from ..autograd import Function, _engine, _function, _grad_mode
 from ..errors import GraphError
-from ._policy import recording_kept_outputs, replaying_kept_outputs
+from ._policy import never_replayed, selective_region
 
 __all__ = ["checkpoint", "is_recomputing", "recompute_count"]
 
@@ -60,8 +60,13 @@ def checkpoint(fn, *args, preserve_rng_state=True, policy=None, **kwargs):
     Only the Tensors that ``fn`` reads from outside are kept, and backward
     runs ``fn`` again with recording on. With ``preserve_rng_state`` the random
     state of every device is restored before that second run, so dropout
-    draws the same mask. ``policy`` (a ``Policy``) keeps the outputs of the
-    ops it names, so the second run recomputes only the others.
+    draws the same mask.
+
+    With ``policy`` (a ``Policy``) checkpointing is selective instead: ``fn``
+    runs once, recorded, and keeps the outputs of the ops the policy names.
+    A value that another op saves is stored as a recipe where it can be
+    recomputed from what stays in memory anyway, and backward recomputes it
+    op by op when it reads it. ``fn`` is not called again.
 
     ``fn`` may return a Tensor or a tuple or list mixing Tensors and other
     values. It must run the same ops on the second call as on the first.
@@ -71,7 +76,10 @@ def checkpoint(fn, *args, preserve_rng_state=True, policy=None, **kwargs):
     """
     if not _grad_mode.is_grad_enabled():
         return fn(*args, **kwargs)
-    region = _Region(fn, args, kwargs, preserve_rng_state, policy)
+    if policy is not None:
+        with selective_region(policy):
+            return fn(*args, **kwargs)
+    region = _Region(fn, args, kwargs, preserve_rng_state)
     outputs = region.run_unrecorded()
     externals = region.external_tensors()
     if not any(t._requires_grad for t in externals):
@@ -82,15 +90,13 @@ def checkpoint(fn, *args, preserve_rng_state=True, policy=None, **kwargs):
 class _Region:
     """The function, arguments and random state of one checkpointed call."""
 
-    def __init__(self, fn, args, kwargs, preserve_rng_state, policy):
+    def __init__(self, fn, args, kwargs, preserve_rng_state):
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.policy = policy
         self.preserve_rng_state = preserve_rng_state
         self.rng_states = None
         self.touched = []
-        self.kept = []
         self.structure = None
 
     def tensors(self):
@@ -108,7 +114,7 @@ class _Region:
         # the same time would see each other's captured tensors.
         _function.unrecorded_hooks.append(self._note_touched)
         try:
-            with _grad_mode.no_grad(), recording_kept_outputs(self.policy, self.kept):
+            with _grad_mode.no_grad():
                 outputs = self.fn(*self.args, **self.kwargs)
         finally:
             _function.unrecorded_hooks.remove(self._note_touched)
@@ -144,9 +150,7 @@ class _Region:
         # The template keeps the non-Tensor outputs; _TENSOR marks the others.
         template = [_TENSOR if isinstance(v, Tensor) else v for v in items]
         self.structure = (single, type(outputs), template, len(externals))
-        kept = [a for entry in self.kept for a in entry.arrays()]
-        self.kept = [entry.without_arrays() for entry in self.kept]
-        self.pending = (arrays, kept)
+        self.pending = arrays
         try:
             # One None argument per output Tensor reserves an edge that a
             # create_graph backward points at the recomputed output.
@@ -167,14 +171,14 @@ class _Region:
         values = [next(tensors) if v is _TENSOR else v for v in template]
         return tuple(values) if kind is tuple else values
 
-    def recompute(self, externals, kept_arrays):
+    def recompute(self, externals):
         """Run ``fn`` again with recording on; return its Tensor outputs and records."""
         proxies = _proxies_for(externals)
         args, kwargs = self._arguments(externals, proxies)
         records = []
         _function.record_hooks.append(records.append)
         try:
-            with self._replaying(kept_arrays):
+            with self._replaying():
                 outputs = self.fn(*args, **kwargs)
         finally:
             _function.record_hooks.remove(records.append)
@@ -201,12 +205,10 @@ class _Region:
         return args, kwargs
 
     @contextlib.contextmanager
-    def _replaying(self, kept_arrays):
+    def _replaying(self):
         _state.recomputed = recompute_count() + 1
         states = self.rng_states if self.preserve_rng_state else None
-        with recomputing(states), _grad_mode.enable_grad(), replaying_kept_outputs(
-            self.policy, self.kept, kept_arrays
-        ):
+        with recomputing(states), _grad_mode.enable_grad():
             yield
 
 
@@ -251,6 +253,7 @@ def _number_slots(region, externals):
     region.kwargs = {k: slot(v) for k, v in region.kwargs.items()}
 
 
+@never_replayed
 class _Checkpoint(Function):
     """The tape record of a checkpointed region."""
 
@@ -259,10 +262,8 @@ class _Checkpoint(Function):
         ctx.region = region
         count = ctx.external_count = region.structure[3]
         ctx.passes_through = False
-        outputs, kept = region.pending
-        # The kept outputs of a Policy are saved as temporaries after the
-        # arguments, so backward frees them with the rest.
-        ctx.save_for_backward(*arrays[:count], *kept)
+        outputs = region.pending
+        ctx.save_for_backward(*arrays[:count])
         integer = [o for o in outputs if o.dtype.kind not in "fc"]
         if integer:
             ctx.mark_non_differentiable(*integer)
@@ -270,16 +271,14 @@ class _Checkpoint(Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        ctx.saved_tensors  # raises if freed or changed in place since
         if ctx.passes_through:
+            ctx._check_readable()
             return _pass_through(ctx, grad_outputs)
-        region = ctx.region
-        count = ctx.external_count
-        externals = list(ctx.saved[:count])
-        kept = list(ctx.saved[count:])
+        # Raises if freed or changed in place since the forward.
+        externals = list(ctx._saved_values())
         create_graph = isinstance(grad_outputs[0], Tensor)
         grads, outputs = _backward_region(
-            region, externals, kept, grad_outputs, create_graph
+            ctx.region, externals, grad_outputs, create_graph
         )
         if outputs is not None:
             _point_at_recomputed(ctx, outputs)
@@ -316,13 +315,13 @@ def _pass_through(ctx, grad_outputs):
     return (*grads, *grad_outputs)
 
 
-def _backward_region(region, externals, kept, grad_outputs, create_graph):
+def _backward_region(region, externals, grad_outputs, create_graph):
     """Recompute the region and backpropagate through it.
 
     Returns the gradients of ``externals`` and, under ``create_graph``, the
     recomputed outputs (None otherwise, or when nothing was backpropagated).
     """
-    outputs, records, proxies = region.recompute(externals, kept)
+    outputs, records, proxies = region.recompute(externals)
     roots, root_grads = [], []
     for output, grad in zip(outputs, grad_outputs):
         if output._requires_grad:

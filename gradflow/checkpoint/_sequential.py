@@ -16,6 +16,10 @@ def checkpoint_sequential(functions, segments, input, preserve_rng_state=True,
     With ``segments == 1`` nothing is checkpointed. Segments differ in length
     by at most one layer, the longer ones first.
 
+    With a ``policy`` the whole chain, the last segment included, runs as one
+    selective region (see ``gf.checkpoint``). That region recomputes op by op
+    and never reruns a segment, so ``segments`` is checked but changes nothing.
+
     >>> y = gf.checkpoint_sequential(model, 8, x)   # 64 layers, 8 per segment
     """
     layers = _as_layers(functions)
@@ -29,6 +33,8 @@ def checkpoint_sequential(functions, segments, input, preserve_rng_state=True,
             f"checkpoint_sequential: {segments} segments were requested for "
             f"{len(layers)} layers; pass at most {len(layers)}."
         )
+    if policy is not None:
+        return checkpoint(chain(layers), input, policy=policy)
     bounds = segment_bounds(len(layers), segments)
     out = input
     for index, (start, stop) in enumerate(bounds):
@@ -36,8 +42,7 @@ def checkpoint_sequential(functions, segments, input, preserve_rng_state=True,
         if index == len(bounds) - 1:
             out = run(out)
         else:
-            out = checkpoint(run, out, preserve_rng_state=preserve_rng_state,
-                             policy=policy)
+            out = checkpoint(run, out, preserve_rng_state=preserve_rng_state)
     return out
 
 
