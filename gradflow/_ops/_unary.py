@@ -26,7 +26,10 @@ def activation_grad(ctx, name, saved, grad, generic, **params):
     plain backward on arrays tries ``gradflow_kernels`` first, and a recorded
     backward (``create_graph=True``, on Tensors) always runs ``generic``.
     """
-    if not isinstance(ctx.xp, TensorNamespace):
+    # Small CPU arrays are settled here, before the kernel's checks, because
+    # this runs once per activation record in every backward.
+    small = type(saved) is np.ndarray and saved.size < gradflow_kernels.CPU_MIN_SIZE
+    if not small and not isinstance(ctx.xp, TensorNamespace):
         fused = gradflow_kernels.fused_activation_backward(name, saved, grad, **params)
         if fused is not None:
             return fused

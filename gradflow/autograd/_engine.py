@@ -70,7 +70,17 @@ def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
                 grads = _collect_output_grads(node, slots, create_graph)
             if node._hooks or node._retained or captures:
                 _run_output_hooks(node, grads, captures, results)
-            grad_inputs = _call_backward(node, grads, create_graph)
+            if create_graph:
+                grad_inputs = _call_backward(node, grads, create_graph)
+            else:
+                # The first-order path of _call_backward, inline: it runs once
+                # per record.
+                node.xp = array_namespace(node.array_module)
+                grad_inputs = node.function.backward(node, *grads)
+                if type(grad_inputs) is not tuple:
+                    grad_inputs = (grad_inputs,)
+                if len(grad_inputs) != len(node.edges):
+                    _raise_gradient_count(node, grad_inputs)
             if anomaly_hook is not None:
                 anomaly_hook(node, grads, grad_inputs)
             if not retain_graph:
@@ -210,12 +220,16 @@ def _call_backward(node, grads, create_graph):
     if type(out) is not tuple:
         out = (out,)
     if len(out) != len(node.edges):
-        raise GraphError(
-            f"backward of '{node.name}' returned {len(out)} gradient(s), but "
-            f"its forward took {len(node.edges)} positional argument(s); "
-            "return one gradient (or None) per argument."
-        )
+        _raise_gradient_count(node, out)
     return out
+
+
+def _raise_gradient_count(node, out):
+    raise GraphError(
+        f"backward of '{node.name}' returned {len(out)} gradient(s), but "
+        f"its forward took {len(node.edges)} positional argument(s); "
+        "return one gradient (or None) per argument."
+    )
 
 
 def _fit_to_input(node, grad, meta):
