@@ -154,6 +154,10 @@ class MatMul(Function):
 
 
 def _binary(function, name, a, b):
+    # The common case first: a float tensor and a Python float, which needs
+    # no conversion and no promotion.
+    if type(b) is float and type(a) is Tensor and a.data.dtype.kind == "f":
+        return function.apply(a, b)
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         a, b = as_operand(a, b), as_operand(b, a)
         # A Python number broadcasts to anything and takes the tensor's dtype.

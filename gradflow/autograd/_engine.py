@@ -144,18 +144,23 @@ def _capture_table(inputs):
 
 
 def _count_dependencies(starts):
+    # A record enters the table on its first edge, so the table also marks
+    # what the walk has seen; the starts are marked beforehand.
     dependencies = {}
-    seen = set(starts)
+    count_of = dependencies.get
     stack = list(starts)
     while stack:
         node = stack.pop()
         for edge in node.edges:
             if type(edge) is tuple:
                 parent = edge[0]
-                dependencies[parent] = dependencies.get(parent, 0) + 1
-                if parent not in seen:
-                    seen.add(parent)
-                    stack.append(parent)
+                count = count_of(parent)
+                if count is None:
+                    dependencies[parent] = 1
+                    if parent not in starts:
+                        stack.append(parent)
+                else:
+                    dependencies[parent] = count + 1
     return dependencies
 
 
