@@ -283,3 +283,19 @@ def test_bad_parameters_raise():
     GradientBuffer([w])
     with pytest.raises(ValueError, match="already belongs to a GradientBuffer"):
         GradientBuffer([w])
+
+
+def test_cast_with_gradients_leaves_buffer(spy_buffer_path):
+    model = _model()
+    buffer = GradientBuffer(model.parameters())
+    _step(model, "cpu")
+    before = _grads(model)
+    model.to(dtype=gf.float64)
+    for old, p in zip(before, model.parameters()):
+        assert p.grad.dtype == gf.float64
+        assert not np.shares_memory(p.grad.data, buffer.arrays[0])
+        np.testing.assert_array_equal(p.grad.data, old.astype(np.float64))
+    expected = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in before))
+    norm = clip_grad_norm_(model.parameters(), 1e-3)
+    assert spy_buffer_path == []
+    np.testing.assert_allclose(norm.item(), expected, rtol=1e-12)

@@ -37,7 +37,10 @@ class GradientBuffer:
     slot, and the assigned tensor is used as it would be without a buffer.
     The gradient returns to its slot once ``.grad`` is set to None
     (``zero_grad()``) and backward runs again. ``release()`` gives every
-    gradient back as an array of its own.
+    gradient back as an array of its own. ``Module.to()`` with another
+    device or dtype does the same for the gradients it converts, and
+    backward cannot fill a slot of the old dtype, so build a new buffer
+    after it (releasing the old one first).
 
     >>> model = gf.nn.Linear(4, 2)
     >>> buffer = gf.nn.utils.GradientBuffer(model.parameters())

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 
 from .. import _device
-from .._tensor import Tensor, _parse_to_args, _to_array
+from .._tensor import Tensor, _parse_to_args, _to_array, make_tensor
 
 __all__ = ["Module", "Parameter"]
 
@@ -371,8 +371,18 @@ class Module:
                 )
         for tensor in itertools.chain(self.parameters(), self.buffers()):
             _convert_in_place(tensor, target_device, dtype)
-            if tensor.grad is not None:
-                _convert_in_place(tensor.grad, target_device, dtype)
+            grad = tensor.grad
+            if grad is None:
+                continue
+            if tensor._grad_buffer is None:
+                _convert_in_place(grad, target_device, dtype)
+                continue
+            # A gradient in a GradientBuffer is a view of the buffer, so a
+            # converted copy replaces it and the buffer no longer counts it.
+            converted = make_tensor(grad.data)
+            _convert_in_place(converted, target_device, dtype)
+            if converted.data is not grad.data:
+                tensor.grad = converted
         return self
 
     def cpu(self):
