@@ -19,6 +19,7 @@ Backward normally sees arrays. When the backward pass itself is recorded
 ``create_graph``) and Python operators serves both cases.
 """
 
+import numpy as np
 from numpy import ndarray
 
 from .._device import array_module
@@ -94,16 +95,17 @@ class Context:
     @property
     def saved_tensors(self):
         """The saved values: arrays, or Tensors while backward is recorded."""
-        self._check_readable()
+        if self._released or self._saved_versions:
+            self._check_readable()
         kinds = self._saved_kinds
         if kinds is None:
             return self.saved
         if _grad_mode.is_grad_enabled():
-            return tuple(self._unpack_tensor(i) for i in range(len(self.saved)))
-        return tuple(
+            return tuple([self._unpack_tensor(i) for i in range(len(self.saved))])
+        return tuple([
             _unpack_array(s) if kind == "input" or type(s) is _Packed else s
             for s, kind in zip(self.saved, kinds)
-        )
+        ])
 
     def _saved_values(self):
         # The saved values as the record kept them before any pack hook ran:
@@ -291,7 +293,7 @@ class Function:
 
         outputs = out if type(out) is tuple else (out,)
         for o in outputs:
-            if not hasattr(o, "shape"):
+            if type(o) is not ndarray and not hasattr(o, "shape"):
                 raise TypeError(
                     f"forward of '{cls.__name__}' returned a "
                     f"{type(o).__name__}; it must return an array (NumPy or "
@@ -339,7 +341,7 @@ def _record(ctx, args, arrays, outputs, needs):
             meta.append(None)
     ctx.edges = edges
     ctx.input_meta = meta
-    ctx.array_module = array_module(first)
+    ctx.array_module = np if type(first) is ndarray else array_module(first)
     ctx.out_meta = [(o.shape, o.dtype) for o in outputs]
     if ctx.saved:
         _resolve_saved(ctx, args, arrays, outputs)
@@ -357,14 +359,15 @@ def _resolve_saved(ctx, args, arrays, outputs):
     for i, value in enumerate(ctx.saved):
         kind = None
         position = None
-        for position, (arg, array) in enumerate(zip(args, arrays)):
-            if value is array and isinstance(arg, Tensor):
+        for index, array in enumerate(arrays):
+            if value is array and isinstance(args[index], Tensor):
+                arg = args[index]
                 kind = "input"
+                position = index
                 versions.append((i, arg._version, arg._version[0]))
                 value = arg
                 break
         else:
-            position = None
             for j, out in enumerate(outputs):
                 if value is out:
                     kind = j
