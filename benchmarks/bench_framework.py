@@ -113,7 +113,10 @@ class Worker:
             self.proc.wait(timeout=30)
 
 
-def measure(workers, workload, rounds):
+def measure(workers, workload, rounds, settle=0.0):
+    # ``settle``: seconds of idle time before each timing. OpenBLAS worker
+    # threads busy-wait for a while after a matrix product, so a contender
+    # timed right after another one's product shares the cores with them.
     reps = WORKLOADS[workload][0]
     taking_part = [w for w in workers if workload in w.workloads]
     for w in taking_part:  # warm-up: builds the workload, fills caches
@@ -122,6 +125,7 @@ def measure(workers, workload, rounds):
     phases = {w.name: [] for w in taking_part}
     for _ in range(rounds):
         for w in taking_part:
+            time.sleep(settle)
             reply = w.time(workload, reps)
             samples[w.name].append(reply["seconds"])
             if reply["phases"]:
@@ -225,6 +229,10 @@ def main(argv=None):
                         help="timed rounds per workload after the warm-up (default 7)")
     parser.add_argument("--only", nargs="*", choices=sorted(WORKLOADS),
                         help="run only these workloads")
+    parser.add_argument("--settle", type=float, default=0.3,
+                        help="idle seconds before each timing, so that the "
+                             "previous contender's BLAS threads stop spinning "
+                             "(default 0.3)")
     parser.add_argument("--contenders", nargs="*",
                         default=["gradflow", "torch", "autograd", "mygrad", "dezero", "numpy"])
     parser.add_argument("--write-results", action="store_true",
@@ -239,7 +247,7 @@ def main(argv=None):
     results = {}
     try:
         for workload in args.only or list(WORKLOADS):
-            results[workload] = measure(live, workload, args.rounds)
+            results[workload] = measure(live, workload, args.rounds, args.settle)
             print(f"{workload}: " + ", ".join(
                 f"{n} {e['median_s'] * 1e6 / WORKLOADS[workload][1]:,.2f}"
                 for n, e in results[workload].items()), flush=True)
@@ -256,7 +264,8 @@ def main(argv=None):
         f"- machine: {machine_description()}; threads pinned to {args.threads}",
         f"- date: {datetime.date.today().isoformat()}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
-        f"- median of {args.rounds} interleaved rounds after one warm-up round",
+        f"- median of {args.rounds} interleaved rounds after one warm-up round, "
+        f"{args.settle} s idle before each timing",
         "",
         "Times in µs (per op for the chains). Lower is better.",
         "",

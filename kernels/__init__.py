@@ -9,6 +9,8 @@ Numba is imported on the first call that needs a kernel, never at import.
 * ``multi_tensor_plan`` tables many gradients of one device, so that their
   global norm and their scaling each take a number of kernel launches that
   does not grow with the number of gradients (``gradflow.nn.utils``).
+* ``adam_table`` tables NumPy parameters, gradients and Adam states of one
+  dtype, so that one parallel loop updates them all (``gradflow.optim``).
 """
 
 import warnings
@@ -25,7 +27,7 @@ from ._threads import limit_openmp_spinning
 limit_openmp_spinning()
 
 __all__ = [
-    "ACTIVATIONS", "CPU_MIN_SIZE", "activation_backward",
+    "ACTIVATIONS", "CPU_MIN_SIZE", "activation_backward", "adam_table",
     "fused_activation_backward", "multi_tensor_plan",
 ]
 
@@ -129,6 +131,19 @@ def multi_tensor_plan(arrays):
     from ._clip_cuda import CudaPlan
 
     return CudaPlan.build(arrays)
+
+
+def adam_table(dtype):
+    """Return an empty ``AdamTable`` for NumPy arrays of ``dtype``, or None.
+
+    None means that no CPU kernel takes ``dtype`` (only float32 and float64
+    have one), so the caller's per-parameter update must be used.
+    """
+    if np.dtype(dtype) not in _CPU_DTYPES:
+        return None
+    from ._adam_cpu import AdamTable
+
+    return AdamTable(dtype)
 
 
 def _ab(name, params):

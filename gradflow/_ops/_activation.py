@@ -74,7 +74,13 @@ class Gelu(Function):
             return 0.5 * x * (1 + xp.tanh(inner))
         from .._special import erf
 
-        return 0.5 * x * (1 + erf(x * _INV_SQRT_2))
+        # In place after the first product: three fewer temporaries of x's
+        # size, and the same values, since scaling by 0.5 is exact.
+        out = erf(x * _INV_SQRT_2)
+        out += 1
+        out *= x
+        out *= 0.5
+        return out
 
     @staticmethod
     def backward(ctx, grad):

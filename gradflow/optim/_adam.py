@@ -2,8 +2,13 @@
 
 import math
 
+import gradflow_kernels
+import numpy as np
+
 from .. import _device
-from ._optimizer import Optimizer, check_betas, check_nonnegative, zeros_state
+from ._optimizer import (
+    Optimizer, bump_version, check_betas, check_nonnegative, grad_array, zeros_state,
+)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -25,17 +30,26 @@ class Adam(Optimizer):
     ``m``, ``v`` and ``v_max`` are the states ``"exp_avg"``,
     ``"exp_avg_sq"`` and ``"max_exp_avg_sq"``, and ``t`` is ``"step"``, an int.
 
+    ``fused`` picks how a step runs. With None (the default), one parallel
+    CPU loop per group and dtype updates every parameter that is a
+    C-contiguous float32 or float64 NumPy array with a gradient of its own
+    dtype and shape, and the others are updated one at a time with NumPy or
+    CuPy expressions. False updates every parameter one at a time. True
+    requires the loop and raises ValueError at ``step`` for a parameter it
+    cannot take. The loop computes in float64, so float32 results can
+    differ from the per-parameter ones in the last bits.
+
     >>> opt = gf.optim.Adam(model.parameters(), lr=1e-3)
     """
 
     decoupled_weight_decay = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, amsgrad=False, maximize=False):
+                 weight_decay=0.0, amsgrad=False, maximize=False, fused=None):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
             eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize,
+            maximize=maximize, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -44,6 +58,61 @@ class Adam(Optimizer):
         for option in ("lr", "eps", "weight_decay"):
             check_nonnegative(name, option, group[option])
         check_betas(name, group["betas"])
+        fused = group.get("fused")
+        if fused not in (None, True, False):
+            raise TypeError(f"{name}: fused must be None, True or False, got {fused!r}.")
+
+    def _update_group(self, group):
+        if group.get("fused") is False:
+            return super()._update_group(group)
+        tables, updated, rest = {}, [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if self._table_param(param, group, tables):
+                updated.append(param)
+            else:
+                rest.append(param)
+        options = _loop_options(group, self.decoupled_weight_decay)
+        for table in tables.values():
+            if table is not None:
+                table.run(options)
+        for param in updated:
+            bump_version(param)
+        self._update_params(rest, group)
+
+    def _table_param(self, param, group, tables):
+        """Add ``param`` to the table of its dtype; False if the loop cannot take it."""
+        array, grad = param.data, grad_array(param)
+        reason = _unfusable_reason(array, grad)
+        if reason is not None:
+            return self._refuse_fused(group, param, reason)
+        if array.dtype not in tables:
+            tables[array.dtype] = gradflow_kernels.adam_table(array.dtype)
+        table = tables[array.dtype]
+        if table is None:
+            return self._refuse_fused(group, param, "its dtype has no kernel")
+        state = self.state.setdefault(param, {})
+        if not state:
+            _init_state(state, param.data, group["amsgrad"])
+        arrays = [array, grad, state["exp_avg"].data, state["exp_avg_sq"].data]
+        if group["amsgrad"]:
+            arrays.append(state["max_exp_avg_sq"].data)
+        if not table.add(arrays, _step_scalars(group, state["step"] + 1,
+                                               self.decoupled_weight_decay)):
+            return self._refuse_fused(group, param, "an array is not C-contiguous")
+        state["step"] += 1
+        return True
+
+    def _refuse_fused(self, group, param, reason):
+        if group.get("fused"):
+            raise ValueError(
+                f"{type(self).__name__}(fused=True) cannot update the parameter "
+                f"of shape {tuple(param.shape)} and dtype {param.dtype} in one "
+                f"loop, because {reason}. Pass fused=None to update such "
+                "parameters one at a time."
+            )
+        return False
 
     def _update(self, param, grad, state, group):
         lr, weight_decay = group["lr"], group["weight_decay"]
@@ -85,8 +154,38 @@ class AdamW(Adam):
     decoupled_weight_decay = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=1e-2, amsgrad=False, maximize=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize)
+                 weight_decay=1e-2, amsgrad=False, maximize=False, fused=None):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize, fused
+        )
+
+
+def _unfusable_reason(array, grad):
+    """Return why the CPU loop cannot update ``array`` from ``grad``, or None."""
+    if not isinstance(array, np.ndarray) or type(grad) is not np.ndarray:
+        return "it is not a NumPy array with a NumPy gradient"
+    if grad.dtype != array.dtype or grad.shape != array.shape:
+        return (
+            f"its gradient has dtype {grad.dtype} and shape {grad.shape}, "
+            "not the parameter's"
+        )
+    return None
+
+
+def _step_scalars(group, step, decoupled):
+    """Return the per-tensor scalars of ``adam_chunks`` for step ``step``."""
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    decay = 1 - lr * weight_decay if decoupled else 1.0
+    return (lr / (1 - beta1**step), math.sqrt(1 - beta2**step), decay)
+
+
+def _loop_options(group, decoupled):
+    """Return the group options of ``adam_chunks`` as a tuple of floats."""
+    beta1, beta2 = group["betas"]
+    coupled_decay = 0.0 if decoupled else group["weight_decay"]
+    sign = -1.0 if group["maximize"] else 1.0
+    return (beta1, beta2, group["eps"], coupled_decay, sign, float(group["amsgrad"]))
 
 
 def _init_state(state, param, amsgrad):

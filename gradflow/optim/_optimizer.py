@@ -88,16 +88,16 @@ class Optimizer:
         return loss
 
     def _update_group(self, group):
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            grad = param.grad.data if isinstance(param.grad, Tensor) else param.grad
+        params = [param for param in group["params"] if param.grad is not None]
+        self._update_params(params, group)
+
+    def _update_params(self, params, group):
+        """Run ``_update`` on each of ``params``, all of which have a gradient."""
+        for param in params:
             state = self.state.setdefault(param, {})
             with _on_device_of(param.data):
-                self._update(param.data, grad, state, group)
-            version = getattr(param, "_version", None)
-            if version is not None:
-                version[0] += 1
+                self._update(param.data, grad_array(param), state, group)
+            bump_version(param)
 
     def _check_options(self, group):
         raise NotImplementedError
@@ -235,6 +235,18 @@ def check_betas(name, betas):
                 f"{name}: invalid betas[{i}] {beta!r}, expected a value in "
                 "[0, 1)."
             )
+
+
+def grad_array(param):
+    """Return the array of ``param``'s gradient (a Tensor's data, or the array)."""
+    return param.grad.data if isinstance(param.grad, Tensor) else param.grad
+
+
+def bump_version(param):
+    """Mark ``param`` as changed in place, for the tensors saved from it."""
+    version = getattr(param, "_version", None)
+    if version is not None:
+        version[0] += 1
 
 
 def zeros_state(param):
