@@ -460,3 +460,80 @@ def test_none_gradient_does_not_stall_parents():
     out = _DropsFirstGradient.apply(shared * 1, x) + shared
     out.sum().backward()
     np.testing.assert_array_equal(to_host(x.grad), [4.0, 4.0])
+
+
+# -- leaf gradients kept without a copy ------------------------------------------
+
+
+class _Fresh(gf.autograd.Function):
+    """Doubles its input; backward reports each gradient array it creates."""
+
+    made = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad * 2
+        _Fresh.made.append(weakref.ref(out))
+        return out
+
+
+class _GiveBackInput(gf.autograd.Function):
+    """Returns its saved input array itself as the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.copy()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return x
+
+
+def test_fresh_leaf_gradient_is_kept():
+    _Fresh.made.clear()
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    _Fresh.apply(x).sum().backward()
+    assert _Fresh.made[0]() is x.grad.data
+
+
+def test_shared_gradient_is_copied_per_leaf():
+    a = gf.tensor([1.0, 2.0], requires_grad=True)
+    b = gf.tensor([3.0, 4.0], requires_grad=True)
+    ((a + b) * 2).sum().backward()  # the add hands one array to both leaves
+    assert not np.shares_memory(a.grad.data, b.grad.data)
+    (a * 1).sum().backward()
+    np.testing.assert_array_equal(a.grad.data, [3.0, 3.0])
+    np.testing.assert_array_equal(b.grad.data, [2.0, 2.0])
+
+
+def test_root_gradient_of_user_is_copied():
+    a = gf.tensor([1.0, 2.0], requires_grad=True)
+    b = gf.tensor([3.0, 4.0], requires_grad=True)
+    mine = np.array([5.0, 6.0], dtype=np.float32)
+    (a + b).backward(gf.tensor(mine))
+    assert not np.shares_memory(a.grad.data, mine)
+    assert not np.shares_memory(b.grad.data, mine)
+    a.grad.data += 1
+    np.testing.assert_array_equal(mine, [5.0, 6.0])
+
+
+def test_gradient_kept_by_hook_is_copied():
+    kept = []
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    x.register_hook(kept.append)
+    _Fresh.apply(x).sum().backward()
+    assert not np.shares_memory(kept[0].data, x.grad.data)
+
+
+def test_saved_array_returned_as_gradient_is_copied():
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    _GiveBackInput.apply(x).sum().backward()
+    assert not np.shares_memory(x.grad.data, x.data)
+    x.grad.data += 1
+    np.testing.assert_array_equal(x.data, [1.0, 2.0])

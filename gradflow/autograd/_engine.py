@@ -7,6 +7,9 @@ gradient of a value used several times is summed before it flows further.
 """
 
 import gc
+import sys
+
+import numpy as np
 
 from ..errors import GraphError
 from . import _grad_mode
@@ -103,6 +106,9 @@ def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
                 else:
                     _deliver_leaf(edge, grad, captures, results, leaf_grads,
                                   create_graph)
+    # The loop's last gradients would otherwise count as holders of the
+    # arrays that _store_leaf_grads may keep without a copy.
+    grad = grads = slots = grad_inputs = None
     _store_leaf_grads(leaf_grads, create_graph)
     if inputs is None:
         return None
@@ -291,14 +297,49 @@ def _store_leaf_grads(leaf_grads, create_graph):
         else:
             totals[key] = [leaf, grad]
             order.append(key)
+    # From here on ``totals`` holds the only references the walk made.
+    leaf_grads.clear()
     for key in order:
-        leaf, grad = totals[key]
+        leaf, grad = totals.pop(key)
         if leaf._hooks:
             for hook in leaf._hooks:
                 replaced = hook(_as_tensor(grad))
                 if replaced is not None:
                     grad = _unwrap_like(replaced, grad)
+        if leaf._grad is None and leaf._grad_buffer is None and _unshared(grad):
+            # The array was made for this leaf alone, so it becomes the
+            # gradient without the copy _accumulate_into would make.
+            leaf.grad = make_tensor(grad)
+            continue
         _accumulate_into(leaf, grad, detach=not create_graph)
+
+
+def _unshared(grad):
+    """True if ``grad`` is a NumPy array that only the caller's local refers to.
+
+    Any other holder (another input given the same array, a view of it, the
+    caller of backward who passed it as the root gradient, a hook that kept
+    it) adds a reference.
+    """
+    return (
+        type(grad) is np.ndarray and grad.base is None and grad.flags.writeable
+        and sys.getrefcount(grad) <= _LOCAL_ONLY
+    )
+
+
+def _count_in_callee(array):
+    return sys.getrefcount(array)
+
+
+def _count_for_a_local():
+    value = np.empty(0)
+    return _count_in_callee(value)
+
+
+# What _unshared's sys.getrefcount gives for an array that one local of its
+# caller refers to: the same call shape, measured, because the number
+# differs between Python versions.
+_LOCAL_ONLY = _count_for_a_local()
 
 
 def _accumulate_into(target, grad, detach):
