@@ -537,3 +537,31 @@ def test_saved_array_returned_as_gradient_is_copied():
     assert not np.shares_memory(x.grad.data, x.data)
     x.grad.data += 1
     np.testing.assert_array_equal(x.data, [1.0, 2.0])
+
+
+def test_create_graph_gives_each_leaf_its_grad():
+    a = gf.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    b = gf.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    c = gf.tensor([1.0, 2.0, 3.0])
+    ((a + b) * c).sum().backward(create_graph=True)
+    assert a.grad is not b.grad
+    (a * 5).sum().backward()
+    np.testing.assert_array_equal(a.grad.data, [6.0, 7.0, 8.0])
+    np.testing.assert_array_equal(b.grad.data, [1.0, 2.0, 3.0])
+
+
+def test_create_graph_broadcast_grad_is_writable():
+    a = gf.tensor([1.0, 2.0], requires_grad=True)
+    b = gf.tensor([3.0, 4.0], requires_grad=True)
+    (a + b).sum().backward(create_graph=True)
+    (a * 2).sum().backward()
+    np.testing.assert_array_equal(a.grad.data, [3.0, 3.0])
+    np.testing.assert_array_equal(b.grad.data, [1.0, 1.0])
+
+
+def test_create_graph_grad_keeps_its_graph():
+    x = gf.tensor([1.0, 2.0], requires_grad=True)
+    (x ** 3).sum().backward(create_graph=True)
+    assert x.grad.grad_fn is not None
+    (g,) = gf.grad(x.grad.sum(), [x])
+    np.testing.assert_allclose(g.data, [6.0, 12.0])

@@ -187,10 +187,47 @@ def test_assigned_gradient_leaves_slot(spy_buffer_path):
     assert float(mine.data.max()) < 1.0  # the user's tensor was scaled in place
     np.testing.assert_allclose(norm.item(), total, rtol=1e-6)
     buffer.zero_()
-    assert np.shares_memory(first.grad.data, buffer.arrays[0])
+    assert first.grad is mine  # zeroed where it is
     assert all(float(np.abs(g).max()) == 0.0 for g in _grads(model))
+    first.grad = None
+    _step(model, "cpu")
+    assert np.shares_memory(first.grad.data, buffer.arrays[0])
     clip_grad_norm_(model.parameters(), 1.0)
     assert spy_buffer_path == [buffer]
+
+
+def test_zero_keeps_missing_gradients_none():
+    model = _model()
+    model[0].bias.requires_grad = False
+    buffer = GradientBuffer(model.parameters())
+    optimizer = gf.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    before = model[0].bias.data.copy()
+    for _ in range(2):
+        buffer.zero_()
+        _step(model, "cpu")
+        optimizer.step()
+    assert model[0].bias.grad is None
+    np.testing.assert_array_equal(model[0].bias.data, before)
+
+
+def test_zero_after_cast_zeroes_in_place():
+    model = _model()
+    buffer = GradientBuffer(model.parameters())
+    _step(model, "cpu")
+    model.to(dtype=gf.float64)
+    buffer.zero_()
+    for p in model.parameters():
+        assert p.grad.dtype == gf.float64
+        assert float(np.abs(p.grad.data).max()) == 0.0
+
+
+def test_foreach_true_without_kernels_raises():
+    a = gf.tensor([1.0, 2.0], dtype=gf.float16, requires_grad=True)
+    GradientBuffer([a])
+    (a * 2).sum().backward()
+    with pytest.raises(RuntimeError, match="foreach=True"):
+        clip_grad_norm_([a], 1.0, foreach=True)
+    np.testing.assert_allclose(clip_grad_norm_([a], 10.0).item(), math.sqrt(8), rtol=1e-3)
 
 
 def test_nonfinite_error_keeps_buffer():
@@ -204,16 +241,26 @@ def test_nonfinite_error_keeps_buffer():
     np.testing.assert_array_equal(buffer.arrays[0], before)
 
 
-def test_scaling_bumps_shared_version():
+def test_scaling_bumps_every_version():
     model = _model()
-    buffer = GradientBuffer(model.parameters())
+    GradientBuffer(model.parameters())
     _step(model, "cpu")
     grads = [p.grad for p in model.parameters()]
-    versions = [g._version[0] for g in grads]
-    assert len({id(g._version) for g in grads}) == 1
+    versions = [int(g._version[0]) for g in grads]
     clip_grad_norm_(model.parameters(), 1e-3)
-    assert [g._version[0] for g in grads] == [v + 1 for v in versions]
-    assert buffer._version is grads[0]._version
+    assert [int(g._version[0]) for g in grads] == [v + 1 for v in versions]
+
+
+def test_filling_one_slot_keeps_other_versions():
+    a = gf.tensor([1.0, 2.0], requires_grad=True)
+    b = gf.tensor([3.0, 4.0], requires_grad=True)
+    w = gf.tensor([1.0, 1.0], requires_grad=True)
+    GradientBuffer([a, b])
+    (a * 2).sum().backward()
+    y = (w * a.grad).sum()  # saves a.grad for backward
+    (b * 3).sum().backward()
+    y.backward()
+    np.testing.assert_array_equal(w.grad.data, [2.0, 2.0])
 
 
 # -- leaving the buffer -------------------------------------------------------------
@@ -299,3 +346,34 @@ def test_cast_with_gradients_leaves_buffer(spy_buffer_path):
     norm = clip_grad_norm_(model.parameters(), 1e-3)
     assert spy_buffer_path == []
     np.testing.assert_allclose(norm.item(), expected, rtol=1e-12)
+
+
+def test_frozen_parameter_keeps_fast_path(spy_buffer_path):
+    plain, buffered = _model(), _model()
+    for model in (plain, buffered):
+        model[2].weight.requires_grad = False
+    buffer = GradientBuffer(buffered.parameters())
+    _step(plain, "cpu")
+    _step(buffered, "cpu")
+    expected = clip_grad_norm_(plain.parameters(), 1e-2)
+    got = clip_grad_norm_(buffered.parameters(), 1e-2)
+    assert spy_buffer_path == [buffer]
+    assert buffered[2].weight.grad is None
+    np.testing.assert_allclose(got.item(), expected.item(), rtol=1e-6)
+
+
+def test_stale_slots_add_nothing(spy_buffer_path):
+    first, second = gf.nn.Linear(3, 2), gf.nn.Linear(3, 2)
+    params = list(first.parameters()) + list(second.parameters())
+    buffer = GradientBuffer(params)
+    x = gf.ones(4, 3)
+    (first(x).sum() + second(x).sum()).backward()
+    for p in params:
+        p.grad = None
+    first(x).sum().backward()  # the second layer's slots still hold old values
+    expected = math.sqrt(sum(float((to_host(p.grad).astype(np.float64) ** 2).sum())
+                             for p in first.parameters()))
+    norm = clip_grad_norm_(params, 1e6)
+    assert spy_buffer_path == [buffer]
+    np.testing.assert_allclose(norm.item(), expected, rtol=1e-6)
+    assert all(p.grad is None for p in second.parameters())

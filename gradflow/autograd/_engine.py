@@ -347,7 +347,13 @@ def _accumulate_into(target, grad, detach):
         if detach:
             grad = grad.data
         elif target.grad is None:
-            target.grad = grad
+            # The same gradient Tensor may reach several leaves, so each gets
+            # its own: a recorded copy when it carries a graph.
+            if grad.grad_fn is None:
+                target.grad = make_tensor(grad.data.copy())
+            else:
+                with _grad_mode.enable_grad():
+                    target.grad = grad.clone()
             return
         else:
             target.grad = target.grad + grad

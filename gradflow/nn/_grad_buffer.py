@@ -7,15 +7,18 @@ later contributions accumulate there in place, so after backward all the
 gradients sit side by side in memory. ``clip_grad_norm_`` and
 ``clip_grad_value_`` then treat the whole buffer as one array: one
 reduction and one scaling pass per dtype, with no Python work per
-gradient, when they are given exactly the buffer's tensors.
+gradient, when they are given exactly the buffer's tensors. The slot of a
+tensor whose gradient is None contains zeros by then, so it adds nothing.
 
-The slot tensors share one version counter, so changing every gradient in
-place costs one increment.
+Each slot tensor's version counter is one element of a shared int64
+array, so changing every gradient in place costs one vectorized increment,
+while filling one slot still changes only that slot's version.
 """
 
 import operator
 
 import gradflow_kernels
+import numpy as np
 
 from .._device import array_module, on_device_of
 from .._tensor import make_tensor
@@ -47,8 +50,15 @@ class GradientBuffer:
     >>> model(gf.ones(3, 4)).sum().backward()
     >>> gf.nn.utils.clip_grad_norm_(buffer.params, max_norm=1.0)
 
+    A gradient in the buffer is a view of it: after ``zero_grad()`` the
+    next backward writes its new values into the same memory, so a gradient
+    kept from an earlier step changes too. Keep ``p.grad.clone()`` instead.
+    Clipping through the buffer adds the float64 partial sums in another
+    order than over separate gradients, so the two agree to rounding, not
+    bit for bit.
+
     NOTE: rebinding ``.grad.data`` of a gradient in the buffer to another
-    array is not noticed; clipping would then read and scale the slot, not
+    array goes unnoticed, so clipping would read and scale the slot, not
     that array. Change gradients in place, or assign a new Tensor to
     ``.grad``.
     """
@@ -57,11 +67,16 @@ class GradientBuffer:
         params = _check_parameters(parameters)
         self.params = tuple(params)
         self._position = {id(p): i for i, p in enumerate(params)}
-        self._version = [0]
-        self._flats, self._slots = _allocate(params, self._version)
+        self._versions = np.zeros(len(params), dtype=np.int64)
+        self._flats, self._slots = _allocate(params, self._versions)
         self._dtypes = tuple(flat.dtype for flat in self._flats)
         self._plan = gradflow_kernels.multi_tensor_plan(self._flats)
+        # Gradients in their slots, gradients elsewhere (assigned by the
+        # user), and positions whose gradient became None while the slot
+        # still contains old values.
         self._live = 0
+        self._foreign = 0
+        self._stale = set()
         for param, slot in zip(params, self._slots):
             param._grad_buffer = self
             grad = param._grad
@@ -69,6 +84,8 @@ class GradientBuffer:
                 slot.data[...] = grad.data
                 param._grad = slot
                 self._live += 1
+            elif grad is not None:
+                self._foreign += 1
 
     def __len__(self):
         return len(self.params)
@@ -86,18 +103,21 @@ class GradientBuffer:
         return self._flats
 
     def zero_(self):
-        """Set every gradient in the buffer to zero in one pass per dtype.
+        """Set every existing gradient to zero in place, as ``zero_grad(set_to_none=False)``.
 
-        Every tensor's ``.grad`` becomes its slot, zero-filled: one whose
-        gradient was None, or another Tensor assigned by the user, gets its
-        slot back.
+        The gradients in their slots take one pass per dtype. A Tensor the
+        user assigned to ``.grad`` is zeroed where it is, and a gradient
+        that is None stays None.
         """
         for flat in self._flats:
             flat.fill(0)
+        self._versions += 1
+        self._stale.clear()
         for param, slot in zip(self.params, self._slots):
-            if param._grad is not slot:
-                param.grad = slot
-        self._version[0] += 1
+            grad = param._grad
+            if grad is not None and grad is not slot:
+                grad.data[...] = 0
+                grad._version[0] += 1
 
     def release(self):
         """Detach every tensor from the buffer, giving each gradient its own array."""
@@ -110,7 +130,8 @@ class GradientBuffer:
         self._slots = []
         self._flats = []
         self._plan = None
-        self._live = 0
+        self._live = self._foreign = 0
+        self._stale = set()
 
     # -- used by the engine, the grad setter and the clipping functions ---
 
@@ -120,7 +141,8 @@ class GradientBuffer:
         Returns False, and leaves the gradient to the caller, when the
         array no longer fits the slot (the tensor was moved or cast).
         """
-        slot = self._slots[self._position[id(param)]]
+        position = self._position[id(param)]
+        slot = self._slots[position]
         target = slot.data
         if (
             type(grad) is not type(target) or grad.dtype != target.dtype
@@ -128,23 +150,38 @@ class GradientBuffer:
         ):
             return False
         target[...] = grad
-        self._version[0] += 1
+        slot._version[0] += 1
         param._grad = slot
         self._live += 1
+        self._stale.discard(position)
         return True
 
     def _note_assignment(self, param, value):
-        slot = self._slots[self._position[id(param)]]
-        was, now = param._grad is slot, value is slot
+        position = self._position[id(param)]
+        slot = self._slots[position]
+        old = param._grad
+        was, now = old is slot, value is slot
         self._live += now - was
+        self._foreign += (value is not None and not now) - (old is not None and not was)
+        if was and value is None:
+            self._stale.add(position)
 
     def _holds_exactly(self, tensors):
-        """True if ``tensors`` are this buffer's, in order, all with a gradient here."""
+        """True if ``tensors`` are this buffer's, in order, with every gradient here.
+
+        A tensor whose gradient is None qualifies too: its slot is zeroed
+        here if it still contains an old gradient.
+        """
         params = self.params
-        return (
-            self._live == len(params) == len(tensors)
+        if not (
+            self._live and not self._foreign and len(tensors) == len(params)
             and all(map(operator.is_, tensors, params))
-        )
+        ):
+            return False
+        for position in self._stale:
+            self._slots[position].data[...] = 0
+        self._stale.clear()
+        return True
 
     def _norm_state(self, norm_type, max_norm, reference):
         """Return float64 [norm, coefficient] over the whole buffer."""
@@ -158,12 +195,12 @@ class GradientBuffer:
         else:
             for flat in self._flats:
                 flat *= state[1].astype(flat.dtype)
-        self._version[0] += 1
+        self._versions += 1
 
     def _clip_values_(self, clip_value):
         for flat in self._flats:
             array_module(flat).clip(flat, -clip_value, clip_value, out=flat)
-        self._version[0] += 1
+        self._versions += 1
 
 
 def _check_parameters(parameters):
@@ -197,7 +234,7 @@ def _check_parameters(parameters):
     return params
 
 
-def _allocate(params, version):
+def _allocate(params, versions):
     """Return (flat arrays by dtype, one slot Tensor per parameter)."""
     xp = array_module(params[0].data)
     totals = {}
@@ -212,6 +249,7 @@ def _allocate(params, version):
         start = offsets[dtype]
         offsets[dtype] = start + size
         slot = make_tensor(flats[dtype][start:start + size].reshape(p.data.shape))
-        slot._version = version
+        # A one-element view: ``slot._version[0] += 1`` changes the array.
+        slot._version = versions[len(slots):len(slots) + 1]
         slots.append(slot)
     return list(flats.values()), slots

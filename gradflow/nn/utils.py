@@ -65,6 +65,8 @@ def clip_grad_norm_(
     parameters = _as_list(parameters)
     buffer = _whole_buffer(parameters) if foreach is not False else None
     if buffer is not None:
+        if foreach is True and buffer._plan is None:
+            _raise_no_foreach(buffer.arrays)
         return _clip_buffer(buffer, parameters, norm_type, max_norm, error_if_nonfinite)
     entries = _gradient_entries(parameters, "clip_grad_norm_")
     if not entries:
@@ -254,17 +256,21 @@ def _device_state(group, norm_type, max_norm, foreach):
     if foreach is not False:
         plan = gradflow_kernels.multi_tensor_plan(arrays)
     if plan is None and foreach is True:
-        dtypes = sorted({str(a.dtype) for a in arrays})
-        raise RuntimeError(
-            "clip_grad_norm_: foreach=True, but the multi-tensor kernels do not "
-            f"apply to these gradients (dtypes {dtypes}; they need C-contiguous "
-            "float32 or float64 gradients, or float16 on CUDA). Pass "
-            "foreach=None to fall back to the per-gradient loop."
-        )
+        _raise_no_foreach(arrays)
     if plan is not None:
         return plan, plan.norm(norm_type, max_norm)
     with _quiet_nonfinite():
         return None, _reference_state(arrays, norm_type, max_norm)
+
+
+def _raise_no_foreach(arrays):
+    dtypes = sorted({str(a.dtype) for a in arrays})
+    raise RuntimeError(
+        "clip_grad_norm_: foreach=True, but the multi-tensor kernels do not "
+        f"apply to these gradients (dtypes {dtypes}; they need C-contiguous "
+        "float32 or float64 gradients, or float16 on CUDA). Pass "
+        "foreach=None to fall back to the per-gradient loop."
+    )
 
 
 def _quiet_nonfinite():
