@@ -27,8 +27,9 @@ from ._threads import limit_openmp_spinning
 limit_openmp_spinning()
 
 __all__ = [
-    "ACTIVATIONS", "CPU_MIN_SIZE", "activation_backward", "adam_table",
-    "fused_activation_backward", "multi_tensor_plan",
+    "ACTIVATIONS", "CPU_MIN_SIZE", "FORWARD_ACTIVATIONS", "activation_backward",
+    "adam_table", "fused_activation_backward", "fused_activation_forward",
+    "multi_tensor_plan",
 ]
 
 # The value each activation saves for backward (its input or its output),
@@ -85,6 +86,31 @@ def fused_activation_backward(name, saved, grad_output, **params):
 
         return _cuda.activation_backward(name, saved, grad_output, *_ab(name, params))
     return None
+
+
+# Activations with a fused CPU forward.
+FORWARD_ACTIVATIONS = ("gelu",)
+
+
+def fused_activation_forward(name, x):
+    """Return activation ``name`` of the array ``x`` from one fused pass, or None.
+
+    The exact GELU is computed in float64 from erfc and rounded once, which
+    is more accurate than the array expression (erf, then three products),
+    whose 1 + erf(x) cancels for negative x.
+    None means that the caller's array expression is the better choice:
+    a CuPy, strided, float16 or small array, or an activation without a
+    fused forward.
+    """
+    if (
+        name not in FORWARD_ACTIVATIONS or type(x) is not np.ndarray
+        or x.dtype not in _CPU_DTYPES or x.size < CPU_MIN_SIZE
+        or not x.flags.c_contiguous
+    ):
+        return None
+    from . import _cpu
+
+    return _cpu.activation_forward(name, x)
 
 
 def activation_backward(name, saved, grad_output, **params):

@@ -337,6 +337,24 @@ FLOAT32_LOOPS = {
 }
 
 
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _gelu_forward_loop(x, out):
+    for i in numba.prange(x.size):
+        v = np.float64(x[i])
+        # Phi(v) from erfc, which does not cancel for negative v as 1 + erf does.
+        out[i] = 0.5 * v * math.erfc(-v * INV_SQRT_2)
+
+
+FORWARD_LOOPS = {"gelu": _gelu_forward_loop}
+
+
+def activation_forward(name, x):
+    """Return activation ``name`` of a C-contiguous float32 or float64 array."""
+    out = np.empty_like(x)
+    FORWARD_LOOPS[name](x.reshape(-1), out.reshape(-1))
+    return out
+
+
 def activation_backward(name, saved, grad, a=0.0, b=0.0):
     """Return the input gradient of ``name`` for C-contiguous arrays of one dtype."""
     out = np.empty_like(saved)

@@ -360,3 +360,55 @@ def test_import_does_not_load_numba():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+# -- fused forward ------------------------------------------------------------------
+
+
+def _gelu_reference(x):
+    from scipy.special import erfc
+
+    x64 = x.astype(np.float64)
+    return 0.5 * x64 * erfc(-x64 / math.sqrt(2.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_forward_kernel_matches_reference(dtype):
+    pytest.importorskip("scipy")
+    x = np.random.uniform(-12, 12, 3 * gradflow_kernels.CPU_MIN_SIZE).astype(dtype)
+    out = gradflow_kernels.fused_activation_forward("gelu", x)
+    assert out.dtype == dtype
+    assert out.shape == x.shape
+    # float32: computed in float64 and rounded once, so within one ulp.
+    rtol = 1.2e-7 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, _gelu_reference(x), rtol=rtol, atol=1e-300)
+
+
+def test_gelu_forward_matches_generic(monkeypatch):
+    x = gf.tensor(np.random.randn(4, gradflow_kernels.CPU_MIN_SIZE), dtype=gf.float32)
+    fused = gf.gelu(x).data
+    monkeypatch.setattr(gradflow_kernels, "fused_activation_forward", lambda *a: None)
+    generic = gf.gelu(x).data
+    np.testing.assert_allclose(fused, generic, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["eligible", "small", "strided", "float16", "tanh"])
+def test_gelu_forward_path_choice(case, monkeypatch):
+    from gradflow_kernels import _cpu
+
+    calls = []
+    kernel = _cpu.activation_forward
+    monkeypatch.setattr(
+        _cpu, "activation_forward", lambda *a: calls.append(a[0]) or kernel(*a)
+    )
+    n = gradflow_kernels.CPU_MIN_SIZE
+    values = {
+        "eligible": np.random.randn(n).astype(np.float32),
+        "small": np.random.randn(n - 1).astype(np.float32),
+        "strided": np.random.randn(n, 2).astype(np.float32).T,
+        "float16": np.random.randn(n).astype(np.float16),
+        "tanh": np.random.randn(n).astype(np.float32),
+    }[case]
+    approximate = "tanh" if case == "tanh" else "none"
+    gf.gelu(gf.tensor(values), approximate=approximate)
+    assert calls == (["gelu"] if case == "eligible" else [])

@@ -10,6 +10,8 @@ from ``_unary``.
 
 import math
 
+import gradflow_kernels
+
 from ..autograd import Function
 from ._common import check_float
 from ._unary import activation_grad as _activation_grad
@@ -72,6 +74,9 @@ class Gelu(Function):
         if approximate == "tanh":
             inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
             return 0.5 * x * (1 + xp.tanh(inner))
+        fused = gradflow_kernels.fused_activation_forward("gelu", x)
+        if fused is not None:
+            return fused
         from .._special import erf
 
         # In place after the first product: three fewer temporaries of x's
