@@ -516,3 +516,111 @@ def test_checkpoint_rejects_non_policy():
     with pytest.raises(TypeError, match="gf.checkpoint.Policy"):
         gf.checkpoint(lambda t: t * 2, gf.randn(2, requires_grad=True),
                       policy="matmul")
+
+
+def _leaf_through_input(x, w):
+    # Mul saves nothing, so the recipe for its output reads x through the
+    # record's edge to the leaf.
+    return ((x * 2).sin() * w).sum()
+
+
+def _leaf_saved(x, w):
+    # Sin saves x itself, and the recipe for its output reads that.
+    return (x.sin() * w).sum()
+
+
+def _leaf_grads(block, policy, change):
+    x = gf.tensor([0.1, 0.2, 0.3], requires_grad=True)
+    w = gf.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    if policy is None:
+        y = block(x, w)
+    else:
+        y = gf.checkpoint(block, x, w, policy=policy)
+    change(x)
+    y.backward()
+    return x.grad.numpy().copy(), w.grad.numpy().copy()
+
+
+def _assign_zeros(x):
+    x.data = np.zeros(3, np.float32)
+
+
+@pytest.mark.parametrize("block", [_leaf_through_input, _leaf_saved])
+def test_selective_leaf_data_assigned(block):
+    expected = _leaf_grads(block, None, _assign_zeros)
+    actual = _leaf_grads(block, gf.checkpoint.Policy(), _assign_zeros)
+    assert np.array_equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1])
+    x = np.array([0.1, 0.2, 0.3], np.float32)
+    assert np.allclose(actual[1], np.sin(2 * x if block is _leaf_through_input else x))
+
+
+def _changing_inside(change, through_input):
+    # The change comes after the op that reads x and before the op that
+    # saves that op's output.
+    def block_through_input(x, w):
+        h = x * 2
+        change(x)
+        return (h.sin() * w).sum()
+
+    def block_saved(x, w):
+        h = x.sin()
+        change(x)
+        return (h * w).sum()
+
+    return block_through_input if through_input else block_saved
+
+
+def _multiply_by_zero(x):
+    with gf.no_grad():
+        x.mul_(0)
+
+
+@pytest.mark.parametrize("through_input", [True, False])
+@pytest.mark.parametrize("change", [_assign_zeros, _multiply_by_zero])
+def test_selective_leaf_changed_inside(change, through_input):
+    # The output of the op that read x can no longer be recomputed, so it is
+    # saved as it is.
+    block = _changing_inside(change, through_input)
+    unchanged = lambda x: None  # noqa: E731
+    if change is _multiply_by_zero and not through_input:
+        # Sin saved x itself, so plain autograd raises as well.
+        for policy in (None, gf.checkpoint.Policy()):
+            with pytest.raises(gf.InplaceModificationError, match="'Sin' saved"):
+                _leaf_grads(block, policy, unchanged)
+        return
+    expected = _leaf_grads(block, None, unchanged)
+    actual = _leaf_grads(block, gf.checkpoint.Policy(), unchanged)
+    assert np.array_equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1])
+
+
+def test_selective_leaf_inplace_raises():
+    # Plain autograd needs nothing of x here, but the policy recomputes x * 2
+    # from x's array, which now contains zeros, so backward must raise.
+    policy = gf.checkpoint.Policy()
+    with pytest.raises(gf.InplaceModificationError, match="Policy"):
+        _leaf_grads(_leaf_through_input, policy, _multiply_by_zero)
+    # With Mul kept, its output is saved and nothing reads x in backward.
+    keep = gf.checkpoint.Policy(keep=[gf._ops._arith.Mul])
+    expected = _leaf_grads(_leaf_through_input, None, _multiply_by_zero)
+    actual = _leaf_grads(_leaf_through_input, keep, _multiply_by_zero)
+    assert np.array_equal(expected[0], actual[0])
+    assert np.array_equal(expected[1], actual[1])
+
+
+def test_selective_leaf_ledger_counts():
+    x = gf.randn(16, requires_grad=True)
+    w = gf.randn(16, requires_grad=True)
+    with gf.memory.Ledger() as ledger:
+        y = gf.checkpoint(_leaf_through_input, x, w, policy=gf.checkpoint.Policy())
+        # Both recipes read x's array, and the last Mul saves w: leaves alone.
+        assert ledger.activation_bytes == 0
+        assert ledger.leaf_bytes == 2 * 16 * 4
+        old = x.data
+        x.data = np.zeros(16, np.float32)
+        # The recipes keep the array that x had in the forward.
+        assert ledger.holds(old)
+        assert ledger.leaf_bytes == 2 * 16 * 4
+        y.backward()
+        assert ledger.total_bytes == 0

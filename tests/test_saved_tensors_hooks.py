@@ -181,3 +181,79 @@ def test_ledger_counts_packed_arrays():
     # The bytes object is not an array, so nothing is counted for it.
     assert ledger.activation_bytes == 0
     assert as_is.shape == moved.shape
+
+
+def _doubled(module):
+    # Packs twice the saved value, so the gradients show whose content the
+    # backward read.
+    return module.autograd.graph.saved_tensors_hooks(
+        lambda t: t.detach() * 2, lambda t: t)
+
+
+_LEAF_LOSSES = {
+    "mul_saves_leaves": lambda x, w: (x * x * w).sum(),
+    "tanh_saves_output": lambda x, w: (x * w).tanh().sum(),
+    "sin_saves_leaf": lambda x, w: (x.sin() * w).sum(),
+}
+
+
+def _leaf_grads_under_hooks(module, loss, create_graph):
+    x = module.tensor([0.5, -1.0, 2.0], dtype=module.float64, requires_grad=True)
+    w = module.tensor([1.5, 0.3, -0.7], dtype=module.float64, requires_grad=True)
+    with _doubled(module):
+        y = loss(x, w)
+    grad = gf.grad if module is gf else module.autograd.grad
+    gx, gw = grad(y, [x, w], create_graph=create_graph)
+    result = [gx.detach().numpy().copy(), gw.detach().numpy().copy()]
+    if create_graph:
+        (gx * gx).sum().backward()
+        result += [x.grad.numpy().copy(), w.grad.numpy().copy()]
+    return result
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("name", sorted(_LEAF_LOSSES))
+def test_unpacked_leaf_content_matches_torch(name, create_graph):
+    torch = pytest.importorskip("torch")
+    loss = _LEAF_LOSSES[name]
+    expected = _leaf_grads_under_hooks(torch, loss, create_graph)
+    actual = _leaf_grads_under_hooks(gf, loss, create_graph)
+    assert len(actual) == len(expected)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_unpacked_leaf_content_example():
+    x = gf.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    with _doubled(gf):
+        y = (x * x).sum()
+    (gx,) = gf.grad(y, [x], create_graph=True)
+    assert np.array_equal(gx.detach().numpy(), [4.0, 8.0, 12.0])
+    (gxx,) = gf.grad(gx.sum(), [x])
+    # The unpacked content passes its gradient to x unchanged.
+    assert np.array_equal(gxx.numpy(), [2.0, 2.0, 2.0])
+
+
+def test_unpacked_leaf_itself_returned():
+    x = gf.randn(4, requires_grad=True)
+    with _packing_as_is([]):
+        y = x.sin()
+    (saved,) = y.grad_fn.saved_tensors
+    assert saved is x
+
+
+def test_checkpoint_input_content_matches_torch():
+    torch = pytest.importorskip("torch")
+    from torch.utils import checkpoint as torch_checkpoint
+
+    values = [0.5, -1.0, 2.0]
+    xt = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    with _doubled(torch):
+        yt = torch_checkpoint.checkpoint(lambda u: u.sin().sum(), xt,
+                                         use_reentrant=True)
+    yt.backward()
+    x = gf.tensor(values, dtype=gf.float64, requires_grad=True)
+    with _doubled(gf):
+        y = gf.checkpoint(lambda u: u.sin().sum(), x)
+    y.backward()
+    np.testing.assert_allclose(x.grad.numpy(), xt.grad.numpy(), rtol=1e-12)

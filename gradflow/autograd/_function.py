@@ -155,8 +155,15 @@ class Context:
             return make_tensor(data)
         if type(edge) is tuple:
             return make_tensor(data, edge[0], edge[1])
-        # A leaf input: its own Tensor, so gradients reach it.
-        return edge
+        if data is edge.data:
+            return edge
+        # A leaf input with other content: a record whose gradient goes to
+        # the leaf unchanged, so the content is the hook's and the gradient
+        # the leaf's. It is recorded also with grad mode off, because a
+        # checkpoint's first-order backward reads its inputs so and needs
+        # the path to the leaf.
+        with _grad_mode.enable_grad():
+            return _UnpackedLeaf.apply(edge, data)
 
     def _check_versions(self):
         for index, counter, version in self._saved_versions:
@@ -323,6 +330,22 @@ class Function:
         for hook in record_hooks:
             hook(ctx)
         return results if type(out) is tuple else results[0]
+
+
+class _UnpackedLeaf(Function):
+    """The content an unpack hook returned for a saved leaf input.
+
+    ``forward(ctx, leaf, content)`` returns ``content`` (an array passed as
+    it is), and backward passes the gradient to ``leaf`` unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, leaf, content):
+        return content
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
 
 
 def _record(ctx, args, arrays, outputs, needs):

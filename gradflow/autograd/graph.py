@@ -29,8 +29,13 @@ class saved_tensors_hooks:
       output's array but has no ``grad_fn``, so a hook that returns its
       argument does not make the record hold itself.
     * The Tensor that ``unpack_hook`` returns lends only its content. The
-      record gives it back its place in the graph (a leaf input comes back as
-      the leaf itself), so its own ``grad_fn`` does not matter.
+      record gives it back its place in the graph, so its own ``grad_fn``
+      does not matter. A leaf input comes back as the leaf itself when the
+      content is the leaf's own array, and otherwise as a new Tensor that
+      passes its gradient to the leaf, as in PyTorch.
+    * A saved input changed in place after the record still raises
+      ``InplaceModificationError`` in backward, also when ``pack_hook``
+      copied it, whereas PyTorch (2.x) skips that check for hooked values.
     * Both hooks run with gradient recording off.
 
     Only the innermost active block applies. The hooks stay with the records

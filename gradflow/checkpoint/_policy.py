@@ -8,8 +8,10 @@ may only hold arrays that stay in memory anyway, so storing it saves the
 whole output:
 
 * an array the producing op saved for its own backward;
-* the array of a leaf tensor (a parameter, the input batch);
-* a Tensor that some record in a policy region saved as it is;
+* the array a leaf tensor (a parameter, the input batch) had when the
+  producing op was recorded, which the recipe keeps alive also after the
+  leaf is given a new array;
+* the array of a Tensor that some record in a policy region saved as it is;
 * another recipe, up to ``max_recomputed_ops`` ops in all.
 
 Anything else is saved as it is. The unpack hook runs the recipe's forwards
@@ -87,9 +89,12 @@ class Policy:
 class _Replay:
     """How to run one recorded op's forward again, without holding any array.
 
-    ``arguments`` has one (kind, value) pair per forward argument: ("saved",
-    index into ``ctx.saved``), ("input", argument position, read through the
-    record's edge) or ("constant", the value itself).
+    ``arguments`` has one tuple per forward argument: ("saved", index into
+    ``ctx.saved``, and for a saved Tensor a weak reference to the array the
+    forward read), ("input", argument position, read through the record's
+    edge to another record), ("leaf", weak reference to the leaf's array,
+    the leaf's version counter, its version when the op was recorded) or
+    ("constant", the value itself).
     """
 
     __slots__ = ("function", "arguments", "kwargs")
@@ -103,9 +108,11 @@ class _Replay:
 class _Recipe:
     """A saved array stored as the op that makes it and that op's arguments.
 
-    ``arguments`` holds Tensors, arrays, nested recipes and constants.
-    ``versions`` holds a (counter, version) pair for each Tensor read, so an
-    in-place change made after the forward is caught, not recomputed from.
+    ``arguments`` holds arrays, nested recipes and constants, never a Tensor,
+    because assigning a new array to a Tensor's ``.data`` after the forward
+    must not change what is recomputed. ``versions`` holds a (counter,
+    version) pair for each Tensor whose array is read, so an in-place change
+    made after the forward is caught, not recomputed from.
     """
 
     __slots__ = ("function", "arguments", "kwargs", "index", "versions", "ops")
@@ -124,21 +131,29 @@ class _Recipe:
         for value in self.arguments:
             if isinstance(value, _Recipe):
                 arrays += value.held_arrays()
-            elif isinstance(value, Tensor):
-                arrays.append(value.data)
             elif hasattr(value, "shape"):
                 arrays.append(value)
         return arrays
+
+    def is_current(self):
+        """Return True when no array this recipe reads was changed in place."""
+        if any(counter[0] != version for counter, version in self.versions):
+            return False
+        return all(value.is_current() for value in self.arguments
+                   if isinstance(value, _Recipe))
 
     def compute(self):
         """Run the forwards again and return the array the recipe stands for."""
         for counter, version in self.versions:
             if counter[0] != version:
+                name = self.function.__name__
                 raise InplaceModificationError(
-                    f"a tensor that '{self.function.__name__}' read in the "
-                    "forward was modified in place before backward recomputed "
-                    f"that op (version {counter[0]}, expected {version}). Use "
-                    "an out-of-place op or clone the tensor before changing it."
+                    f"a tensor that '{name}' read in the forward was modified "
+                    "in place before backward recomputed that op for the "
+                    f"checkpoint policy (version {counter[0]}, expected "
+                    f"{version}). Change it after backward, use an "
+                    "out-of-place op (or assign a new array to .data), or add "
+                    f"{name} to Policy(keep=...) so that its output is saved."
                 )
         arrays = [_argument_array(value) for value in self.arguments]
         ctx = _function.Context()
@@ -161,8 +176,6 @@ def never_replayed(function):
 def _argument_array(value):
     if isinstance(value, _Recipe):
         return value.compute()
-    if isinstance(value, Tensor):
-        return value.data
     return value
 
 
@@ -194,10 +207,12 @@ def selective_region(policy):
         return tensor
 
     _function.forward_hooks.append(forward)
+    _function.record_hooks.append(_pin_input_arrays)
     try:
         with graph.saved_tensors_hooks(pack, _unpack):
             yield
     finally:
+        _function.record_hooks.remove(_pin_input_arrays)
         _function.forward_hooks.remove(forward)
 
 
@@ -239,6 +254,36 @@ def _replay_for(cls, ctx, arrays, kwargs):
     return _Replay(cls, tuple(arguments), dict(kwargs))
 
 
+def _pin_input_arrays(record):
+    """Note in the record's replay the arrays its forward read from Tensors.
+
+    It runs as a record hook, right after the op's forward, while each input
+    Tensor still has the array (and a leaf the version) that the forward
+    read. Code may assign a new array to ``.data`` or change it in place
+    later, before a recipe is built from this record or before backward
+    runs it.
+    """
+    replay = record.__dict__.get("_replay")
+    if replay is None:
+        return
+    arguments = []
+    for argument in replay.arguments:
+        kind, value = argument[0], argument[1]
+        if kind == "input":
+            edge = record.edges[value]
+            if edge is not None and type(edge) is not tuple:
+                counter = edge._version
+                argument = ("leaf", weakref.ref(edge.data), counter, counter[0])
+        elif kind == "saved":
+            saved = record.saved[value]
+            if type(saved) is _function._Packed and saved.unpack_hook is _unpack:
+                saved = saved.packed
+            if isinstance(saved, Tensor):
+                argument = ("saved", value, weakref.ref(saved.data))
+        arguments.append(argument)
+    replay.arguments = tuple(arguments)
+
+
 def _holds_array(value):
     if isinstance(value, (list, tuple)):
         return any(_holds_array(v) for v in value)
@@ -268,12 +313,16 @@ def _build(record, index, budget):
     ops = 1
     arguments = []
     versions = []
-    for kind, value in replay.arguments:
+    for argument in replay.arguments:
+        kind, value = argument[0], argument[1]
         if kind == "constant":
             arguments.append(value)
             continue
         if kind == "saved":
-            source = _saved_source(record, value, versions, budget)
+            array_ref = argument[2] if len(argument) > 2 else None
+            source = _saved_source(record, value, versions, budget, array_ref)
+        elif kind == "leaf":
+            source = _leaf_source(argument, versions)
         else:
             source = _input_source(record, value, versions, budget)
         if source is None:
@@ -281,17 +330,23 @@ def _build(record, index, budget):
         if isinstance(source, _Recipe):
             ops += source.ops
         arguments.append(source)
+    if any(counter[0] != version for counter, version in versions):
+        # Changed in place since the forward read it: the value to save can
+        # no longer be recomputed, so it is saved as it is.
+        return None
     return _Recipe(replay.function, tuple(arguments), replay.kwargs, index,
                    tuple(versions), ops)
 
 
-def _saved_source(record, index, versions, budget):
+def _saved_source(record, index, versions, budget, array_ref=None):
     value = record.saved[index]
     if type(value) is _function._Packed:
         if value.unpack_hook is not _unpack:
             return None
         value = value.packed
         if isinstance(value, _Recipe):
+            if not value.is_current():
+                return None
             # Recomputing it again costs its ops once more.
             budget[0] -= value.ops
             return value if budget[0] >= 0 else None
@@ -299,17 +354,29 @@ def _saved_source(record, index, versions, budget):
         for saved_index, counter, version in record._saved_versions:
             if saved_index == index:
                 versions.append((counter, version))
+        # The array the forward read, when _pin_input_arrays noted it. None
+        # means that the Tensor was given a new array and the old one is gone.
+        return value.data if array_ref is None else array_ref()
     return value
+
+
+def _leaf_source(argument, versions):
+    # The array the forward read. It lives as long as the leaf keeps it,
+    # and the recipe keeps it alive after the leaf is given a new array.
+    _, array_ref, counter, version = argument
+    array = array_ref()
+    if array is None:
+        return None
+    versions.append((counter, version))
+    return array
 
 
 def _input_source(record, position, versions, budget):
     edge = record.edges[position]
-    if edge is None:
-        return None
     if type(edge) is not tuple:
-        # A leaf: its array lives as long as the leaf does.
-        versions.append((edge._version, edge._version[0]))
-        return edge
+        # No gradient flows to it (None), or a leaf that _pin_input_arrays
+        # did not see. Either way, nothing vouches for its array.
+        return None
     producer, index = edge
     kinds = producer._saved_kinds or ()
     if index in kinds and not producer._released:
@@ -317,5 +384,5 @@ def _input_source(record, position, versions, budget):
     tensor = _saved_as_is.get((id(producer), index))
     if tensor is not None and tensor._version[0] == 0:
         versions.append((tensor._version, 0))
-        return tensor
+        return tensor.data
     return _build(producer, index, budget)
