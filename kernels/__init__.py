@@ -9,8 +9,9 @@ Numba is imported on the first call that needs a kernel, never at import.
 * ``multi_tensor_plan`` tables many gradients of one device, so that their
   global norm and their scaling each take a number of kernel launches that
   does not grow with the number of gradients (``gradflow.nn.utils``).
-* ``adam_table`` tables NumPy parameters, gradients and Adam states of one
-  dtype, so that one parallel loop updates them all (``gradflow.optim``).
+* ``adam_table`` tables the parameters, gradients and Adam states of one
+  dtype and device, so that one parallel CPU loop or one CUDA launch
+  updates them all (``gradflow.optim``).
 """
 
 import warnings
@@ -159,17 +160,28 @@ def multi_tensor_plan(arrays):
     return CudaPlan.build(arrays)
 
 
-def adam_table(dtype):
-    """Return an empty ``AdamTable`` for NumPy arrays of ``dtype``, or None.
+def adam_table(like):
+    """Return an empty Adam table for arrays of ``like``'s dtype and device, or None.
 
-    None means that no CPU kernel takes ``dtype`` (only float32 and float64
-    have one), so the caller's per-parameter update must be used.
+    ``like`` is a NumPy or CuPy array. The table's ``add`` takes one tensor's
+    parameter, gradient and states, and its ``run`` updates every tabled
+    tensor in one parallel CPU loop or one CUDA launch. None means that no
+    kernel takes the array, so the caller's per-parameter update must be
+    used: float16 on the CPU, where Numba cannot type float16, or a dtype
+    other than float16, float32 and float64 on CUDA.
     """
-    if np.dtype(dtype) not in _CPU_DTYPES:
-        return None
-    from ._adam_cpu import AdamTable
+    dtype = np.dtype(like.dtype)
+    if isinstance(like, np.ndarray):
+        if dtype not in _CPU_DTYPES:
+            return None
+        from ._adam_cpu import AdamTable
 
-    return AdamTable(dtype)
+        return AdamTable(dtype)
+    if not hasattr(like, "__cuda_array_interface__") or dtype not in _CUDA_DTYPES:
+        return None
+    from ._adam_cuda import CudaAdamTable
+
+    return CudaAdamTable(like)
 
 
 def _ab(name, params):

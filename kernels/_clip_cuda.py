@@ -6,47 +6,20 @@ per dtype reduces every chunk into per-block float64 partials, one launch
 turns all partials into the norm and the clip coefficient, and one launch
 per dtype scales every gradient by that coefficient, read on the device.
 No step reads a device value on the host, so nothing here synchronizes.
-
-Under the CUDA simulator the arrays are NumPy arrays and an address is
-looked up in a registry of the plan's arrays, because the simulator runs
-kernels as Python and cannot dereference a raw address.
 """
 
 import math
-import weakref
 
 import numpy as np
 from numba import cuda, float64
 
 from ._clip_cpu import CHUNK, MODE_INF, MODE_L1, MODE_L2, chunk_table, norm_mode
 from ._launch import (
-    SIMULATOR, THREADS_PER_BLOCK, as_device_array, block_count, current_stream,
+    THREADS_PER_BLOCK, array_module, as_device_array, as_pointer, block_count,
+    current_stream, device_address,
 )
 
 __all__ = ["CudaPlan"]
-
-if SIMULATOR:
-    _registered_arrays = weakref.WeakValueDictionary()
-
-    def as_pointer(address, like):
-        return _registered_arrays[int(address)]
-else:
-    from numba.core import types
-    from numba.cuda.extending import intrinsic
-
-    # The CUDA twin of _clip_cpu.as_pointer: CUDA kernels resolve intrinsics
-    # registered through numba.cuda.extending.
-    @intrinsic
-    def as_pointer(typingctx, address, like):
-        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
-            return None
-        signature = types.CPointer(like.dtype)(address, like)
-
-        def codegen(context, builder, sig, args):
-            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-        return signature, codegen
-
 
 # The kernels below repeat their reduction steps instead of calling device
 # functions: Numba 0.68's cuda.compile_ptx compiles a called device function
@@ -143,14 +116,6 @@ def _scale_kernel(addresses, tensor, start, stop, like, state):
             pointer[j] = pointer[j] * coefficient
 
 
-def _array_module():
-    if SIMULATOR:
-        return np
-    import cupy
-
-    return cupy
-
-
 class CudaPlan:
     """Gradients of one CUDA device (or simulator arrays) tabled by dtype."""
 
@@ -169,11 +134,11 @@ class CudaPlan:
             # keeps zero-size arrays away from the CUDA array interface.
             if array.size:
                 by_dtype.setdefault(array.dtype, []).append(array)
-        xp = _array_module()
+        xp = array_module()
         groups = []
         for dtype, members in by_dtype.items():
             flat = [a.reshape(-1) for a in members]
-            addresses = np.array([_address(a) for a in flat], dtype=np.int64)
+            addresses = np.array([device_address(a) for a in flat], dtype=np.int64)
             sizes = np.array([a.size for a in flat], dtype=np.int64)
             tensor, start, stop = chunk_table(sizes, CHUNK)
             # One host-to-device copy per dtype; the rows are views into it.
@@ -186,7 +151,7 @@ class CudaPlan:
 
     def norm(self, norm_type, max_norm):
         """Return float64 [total norm, clip coefficient] as a device array."""
-        xp = _array_module()
+        xp = array_module()
         mode = norm_mode(norm_type)
         stream = current_stream()
         grids = [block_count(rows[1].size, 1) for _, _, rows in self._groups]
@@ -214,15 +179,6 @@ class CudaPlan:
             _scale_kernel[blocks, THREADS_PER_BLOCK, stream](
                 *args, as_device_array(state)
             )
-
-
-def _address(flat):
-    if SIMULATOR:
-        address = flat.ctypes.data
-        if flat.size:
-            _registered_arrays[address] = flat
-        return address
-    return flat.data.ptr
 
 
 def _split_table(table, tensor_count, chunk_count):

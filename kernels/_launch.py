@@ -1,21 +1,74 @@
-"""Launch arithmetic and stream choice shared by the CUDA kernels.
+"""Launch arithmetic, stream choice and typed pointers shared by the CUDA kernels.
 
 Importing this module imports ``numba.cuda``. Under Numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so the
 launches are kept tiny there; the kernels are the same.
+
+Multi-tensor kernels receive a table of addresses and turn each into a
+typed pointer with ``as_pointer``. Under the simulator the arrays are NumPy
+arrays and an address is looked up in a registry of the arrays passed to
+``device_address``, because the simulator runs kernels as Python and cannot
+dereference a raw address.
 """
 
 import functools
+import weakref
 
 import numba
+import numpy as np
 from numba import cuda
 
 __all__ = [
-    "SIMULATOR", "THREADS_PER_BLOCK", "as_device_array", "block_count",
-    "current_stream",
+    "SIMULATOR", "THREADS_PER_BLOCK", "array_module", "as_device_array",
+    "as_pointer", "block_count", "current_stream", "device_address",
 ]
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+if SIMULATOR:
+    _registered_arrays = weakref.WeakValueDictionary()
+
+    def as_pointer(address, like):
+        return _registered_arrays[int(address)]
+else:
+    from numba.core import types
+    from numba.cuda.extending import intrinsic
+
+    # The CUDA twin of _clip_cpu.as_pointer: CUDA kernels resolve intrinsics
+    # registered through numba.cuda.extending.
+    @intrinsic
+    def as_pointer(typingctx, address, like):
+        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+            return None
+        signature = types.CPointer(like.dtype)(address, like)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
+
+
+def device_address(flat):
+    """Return the address of the 1-D array ``flat`` for ``as_pointer``.
+
+    Under the simulator a non-empty ``flat`` is registered under its address,
+    for as long as the caller keeps it alive.
+    """
+    if SIMULATOR:
+        address = flat.ctypes.data
+        if flat.size:
+            _registered_arrays[address] = flat
+        return address
+    return flat.data.ptr
+
+
+def array_module():
+    """Return the module of the kernels' arrays: cupy, or numpy under the simulator."""
+    if SIMULATOR:
+        return np
+    import cupy
+
+    return cupy
 
 # 256 threads: a multiple of the 32-thread warp, and 8 warps per block, so
 # an SM (2048 resident threads on sm_80 and sm_90) holds 8 blocks and can

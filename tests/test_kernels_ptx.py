@@ -27,10 +27,11 @@ _SCRIPT = textwrap.dedent(
         print("NVVM (libnvvm) was not found; set CUDA_HOME to a CUDA toolkit")
         sys.exit(%d)
 
-    from gradflow_kernels import _clip_cuda, _cuda
+    from gradflow_kernels import _adam_cuda, _clip_cuda, _cuda
 
     f64 = types.float64
     i64 = types.int64[::1]
+    table = types.int64[:, ::1]
     compiled = {}
     for dtype in (types.float16, types.float32, types.float64):
         arr = dtype[::1]
@@ -40,6 +41,8 @@ _SCRIPT = textwrap.dedent(
         kernels.append(("reduce", _clip_cuda._reduce_kernel, reduce))
         kernels.append(("scale", _clip_cuda._scale_kernel,
                         (i64, i64, i64, i64, arr, f64[::1])))
+        adam = (table, i64, i64, i64, arr, f64[:, ::1]) + (f64,) * 6
+        kernels.append(("adam", _adam_cuda._adam_kernel, adam))
         for name, kernel, signature in kernels:
             ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
             compiled[f"{name}-{dtype}"] = ptx
@@ -69,7 +72,7 @@ def compiled():
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize(
-    "kernel", sorted(gradflow_kernels.ACTIVATIONS) + ["reduce", "scale"]
+    "kernel", sorted(gradflow_kernels.ACTIVATIONS) + ["adam", "reduce", "scale"]
 )
 def test_kernel_compiles_for_sm90(compiled, kernel, dtype):
     targets_sm90, size = compiled[f"{kernel}-{dtype}"]

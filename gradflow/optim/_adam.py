@@ -3,7 +3,6 @@
 import math
 
 import gradflow_kernels
-import numpy as np
 
 from .. import _device
 from ._optimizer import (
@@ -30,14 +29,18 @@ class Adam(Optimizer):
     ``m``, ``v`` and ``v_max`` are the states ``"exp_avg"``,
     ``"exp_avg_sq"`` and ``"max_exp_avg_sq"``, and ``t`` is ``"step"``, an int.
 
-    ``fused`` picks how a step runs. With None (the default), one parallel
-    CPU loop per group and dtype updates every parameter that is a
-    C-contiguous float32 or float64 NumPy array with a gradient of its own
-    dtype and shape, and the others are updated one at a time with NumPy or
-    CuPy expressions. False updates every parameter one at a time. True
-    requires the loop and raises ValueError at ``step`` for a parameter it
-    cannot take. The loop computes in float64, so float32 results can
-    differ from the per-parameter ones in the last bits.
+    ``fused`` picks how a step runs. With None (the default), one fused
+    update per group, device and dtype changes every parameter that is
+    C-contiguous and has a gradient of its own dtype, shape and device.
+    For float32 and float64 NumPy arrays that update is one parallel CPU
+    loop, and for float16, float32 and float64 CuPy arrays it is one CUDA
+    kernel launch. The other parameters are updated one at a time with
+    NumPy or CuPy expressions.
+    False updates every parameter one at a time. True requires the fused
+    update and raises ValueError at ``step`` for a parameter it cannot take.
+    The fused update computes in float64 and rounds each stored value once,
+    so float32 and float16 results can differ from the per-parameter ones
+    in the last bits.
 
     >>> opt = gf.optim.Adam(model.parameters(), lr=1e-3)
     """
@@ -82,19 +85,25 @@ class Adam(Optimizer):
         self._update_params(rest, group)
 
     def _table_param(self, param, group, tables):
-        """Add ``param`` to the table of its dtype; False if the loop cannot take it."""
+        """Table ``param`` by dtype and device, or return False if no kernel can."""
         array, grad = param.data, grad_array(param)
         reason = _unfusable_reason(array, grad)
         if reason is not None:
             return self._refuse_fused(group, param, reason)
-        if array.dtype not in tables:
-            tables[array.dtype] = gradflow_kernels.adam_table(array.dtype)
-        table = tables[array.dtype]
+        # NOTE: the CuPy tables (one CUDA launch each) have run only under the
+        # CUDA simulator, on NumPy arrays, not on a GPU.
+        key = (type(array), array.dtype, _device.device_of_array(array))
+        if key not in tables:
+            tables[key] = gradflow_kernels.adam_table(array)
+        table = tables[key]
         if table is None:
-            return self._refuse_fused(group, param, "its dtype has no kernel")
+            return self._refuse_fused(
+                group, param, "no kernel takes its dtype on its device"
+            )
         state = self.state.setdefault(param, {})
         if not state:
-            _init_state(state, param.data, group["amsgrad"])
+            with _device.on_device_of(array):
+                _init_state(state, array, group["amsgrad"])
         arrays = [array, grad, state["exp_avg"].data, state["exp_avg_sq"].data]
         if group["amsgrad"]:
             arrays.append(state["max_exp_avg_sq"].data)
@@ -108,8 +117,8 @@ class Adam(Optimizer):
         if group.get("fused"):
             raise ValueError(
                 f"{type(self).__name__}(fused=True) cannot update the parameter "
-                f"of shape {tuple(param.shape)} and dtype {param.dtype} in one "
-                f"loop, because {reason}. Pass fused=None to update such "
+                f"of shape {tuple(param.shape)} and dtype {param.dtype} in the "
+                f"fused update, because {reason}. Pass fused=None to update such "
                 "parameters one at a time."
             )
         return False
@@ -161,14 +170,20 @@ class AdamW(Adam):
 
 
 def _unfusable_reason(array, grad):
-    """Return why the CPU loop cannot update ``array`` from ``grad``, or None."""
-    if not isinstance(array, np.ndarray) or type(grad) is not np.ndarray:
-        return "it is not a NumPy array with a NumPy gradient"
+    """Return why no fused update can change ``array`` from ``grad``, or None."""
+    if type(grad) is not type(array):
+        return (
+            f"its gradient is a {type(grad).__name__}, not a "
+            f"{type(array).__name__} like the parameter"
+        )
     if grad.dtype != array.dtype or grad.shape != array.shape:
         return (
             f"its gradient has dtype {grad.dtype} and shape {grad.shape}, "
             "not the parameter's"
         )
+    grad_device = _device.device_of_array(grad)
+    if grad_device != _device.device_of_array(array):
+        return f"its gradient is on {grad_device}, not on the parameter's device"
     return None
 
 
