@@ -95,6 +95,23 @@ def _moments(exp_avg, exp_avg_sq, j, g, beta1, beta2):
     return exp_avg[j], exp_avg_sq[j]
 
 
+# Chunk tables by the tensor sizes they cover. A training loop updates the
+# same sizes every step, so the table is built once, not once per step.
+_CHUNKS = {}
+_CHUNKS_KEPT = 16
+
+
+def cached_chunks(sizes):
+    """Return ``chunk_table(sizes, CHUNK)``, reusing one built for the same sizes."""
+    key = sizes.tobytes()
+    chunks = _CHUNKS.get(key)
+    if chunks is None:
+        if len(_CHUNKS) >= _CHUNKS_KEPT:
+            _CHUNKS.pop(next(iter(_CHUNKS)))
+        chunks = _CHUNKS[key] = chunk_table(sizes, CHUNK)
+    return chunks
+
+
 class AdamTable:
     """The address table and chunks of one group's tensors of one dtype."""
 
@@ -127,7 +144,7 @@ class AdamTable:
             return
         table = np.array(self.rows, dtype=np.int64)
         addresses = np.ascontiguousarray(table[:, :5])
-        tensor, start, stop = chunk_table(table[:, 5], CHUNK)
+        tensor, start, stop = cached_chunks(table[:, 5])
         scalars = np.array(self.scalars, dtype=np.float64)
         options = np.array(options, dtype=np.float64)
         adam_chunks(addresses, tensor, start, stop, self.like, scalars, options)
