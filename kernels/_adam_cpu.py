@@ -87,7 +87,11 @@ def _decayed_grad(grad, param, sign, weight_decay):
 @numba.njit(cache=True, error_model="numpy")
 def _moments(exp_avg, exp_avg_sq, j, g, beta1, beta2):
     m = np.float64(exp_avg[j])
-    m += (1.0 - beta1) * (g - m)
+    # From the nearer end, as the per-parameter update and torch.lerp do.
+    if beta1 > 0.5:
+        m += (1.0 - beta1) * (g - m)
+    else:
+        m = g - beta1 * (g - m)
     v = np.float64(exp_avg_sq[j]) * beta2 + (1.0 - beta2) * g * g
     exp_avg[j] = m
     exp_avg_sq[j] = v

@@ -69,7 +69,11 @@ def _adam_kernel(addresses, tensor, start, stop, like, scalars,
             if weight_decay != 0.0:
                 g += weight_decay * p
             m = float64(exp_avg[j])
-            exp_avg[j] = m + (1.0 - beta1) * (g - m)
+            # From the nearer end, as the per-parameter update does.
+            if beta1 > 0.5:
+                exp_avg[j] = m + (1.0 - beta1) * (g - m)
+            else:
+                exp_avg[j] = g - beta1 * (g - m)
             exp_avg_sq[j] = float64(exp_avg_sq[j]) * beta2 + (1.0 - beta2) * g * g
             # Read back rounded to the array dtype, as the next step reads them.
             m = float64(exp_avg[j])

@@ -380,3 +380,75 @@ def test_cuda_fused_float16(device, fused_calls):
     assert fused_calls == [np.dtype(np.float16)] * STEPS
     reference, _ = _train_float16_values(np.float64, False, SHAPES, device)
     _assert_float16_close(fused, fused_opt, reference)
+
+
+# -- state the fused loop must not write through -----------------------------------
+
+
+def _linear_step(layer, dtype, optimizer):
+    x = gf.tensor(np.linspace(-1, 1, 12).reshape(3, 4), dtype=dtype)
+    optimizer.zero_grad()
+    layer(x).sum().backward()
+    optimizer.step()
+
+
+def test_cast_mid_training_takes_reference_path(loop_calls):
+    runs = []
+    for fused in (None, False):
+        gf.manual_seed(0)
+        layer = gf.nn.Linear(4, 3)
+        optimizer = gf.optim.Adam(layer.parameters(), lr=1e-2, fused=fused)
+        _linear_step(layer, gf.float32, optimizer)
+        layer.to(gf.float64)
+        _linear_step(layer, gf.float64, optimizer)
+        runs.append([p.data.copy() for p in layer.parameters()])
+    assert loop_calls == [np.float32]  # the float32 step only
+    for fused, reference in zip(*runs):
+        assert np.isfinite(fused).all()
+        np.testing.assert_allclose(fused, reference, rtol=1e-6)
+
+
+def test_replaced_data_of_other_size_raises():
+    p = gf.nn.Parameter(gf.ones(1000))
+    optimizer = gf.optim.Adam([p], lr=0.1)
+    p.grad = gf.ones(1000)
+    optimizer.step()
+    p.data = np.ones(5000, dtype=np.float32)
+    p.grad = gf.ones(5000)
+    with pytest.raises(ValueError):
+        optimizer.step()
+
+
+def test_read_only_parameter_is_not_written():
+    frozen = np.frombuffer(np.ones(4, dtype=np.float32).tobytes(), dtype=np.float32)
+    p = gf.from_numpy(frozen)
+    p.requires_grad = True
+    p.grad = gf.ones(4)
+    with pytest.raises(ValueError, match="read-only"):
+        gf.optim.Adam([p], lr=0.1).step()
+    np.testing.assert_array_equal(frozen, np.ones(4))
+    with pytest.raises(ValueError, match="read-only"):
+        gf.optim.Adam([p], lr=0.1, fused=True).step()
+
+
+def test_fused_true_refusal_keeps_step_counts():
+    a = gf.nn.Parameter(gf.ones(3))
+    b = gf.nn.Parameter(gf.tensor(np.ones((3, 2), dtype=np.float32).T))
+    for p in (a, b):
+        p.grad = gf.ones(*p.shape)
+    optimizer = gf.optim.Adam([a, b], lr=0.1, fused=True)
+    with pytest.raises(ValueError, match="fused=True"):
+        optimizer.step()
+    np.testing.assert_array_equal(a.data, np.ones(3))
+    assert optimizer.state.get(a, {}).get("step", 0) == 0
+
+
+def test_reference_beta1_zero_keeps_gradient():
+    p = gf.nn.Parameter(gf.tensor([1e4, -1e4]))
+    optimizer = gf.optim.Adam([p], lr=0.1, betas=(0.0, 0.999), fused=False)
+    for g in ([1e4, -1e4], [1e-3, 2e-3]):
+        p.grad = gf.tensor(g)
+        optimizer.step()
+    np.testing.assert_array_equal(
+        optimizer.state[p]["exp_avg"].data, np.array([1e-3, 2e-3], dtype=np.float32)
+    )

@@ -412,3 +412,9 @@ def test_gelu_forward_path_choice(case, monkeypatch):
     approximate = "tanh" if case == "tanh" else "none"
     gf.gelu(gf.tensor(values), approximate=approximate)
     assert calls == (["gelu"] if case == "eligible" else [])
+
+
+def test_gelu_huge_finite_input_stays_finite():
+    x = np.array([3e38, -3e38, 1.0], dtype=np.float32)  # small: the array path
+    out = gf.gelu(gf.tensor(x)).data
+    np.testing.assert_array_equal(out[:2], x[:2] * np.array([1, 0], dtype=np.float32))

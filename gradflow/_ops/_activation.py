@@ -83,8 +83,9 @@ class Gelu(Function):
         # size, and the same values, since scaling by 0.5 is exact.
         out = erf(x * _INV_SQRT_2)
         out += 1
-        out *= x
+        # Halved before the product, so a huge finite x gives x, not inf.
         out *= 0.5
+        out *= x
         return out
 
     @staticmethod

@@ -80,7 +80,10 @@ class Adam(Optimizer):
         for table in tables.values():
             if table is not None:
                 table.run(options)
+        # Counted only now, so a fused=True refusal above leaves every step
+        # count as it was.
         for param in updated:
+            self.state[param]["step"] += 1
             bump_version(param)
         self._update_params(rest, group)
 
@@ -107,10 +110,12 @@ class Adam(Optimizer):
         arrays = [array, grad, state["exp_avg"].data, state["exp_avg_sq"].data]
         if group["amsgrad"]:
             arrays.append(state["max_exp_avg_sq"].data)
+        reason = _unfit_state_reason(array, arrays[2:])
+        if reason is not None:
+            return self._refuse_fused(group, param, reason)
         if not table.add(arrays, _step_scalars(group, state["step"] + 1,
                                                self.decoupled_weight_decay)):
             return self._refuse_fused(group, param, "an array is not C-contiguous")
-        state["step"] += 1
         return True
 
     def _refuse_fused(self, group, param, reason):
@@ -138,7 +143,12 @@ class Adam(Optimizer):
         state["step"] += 1
         step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"].data, state["exp_avg_sq"].data
-        exp_avg += (1 - beta1) * (grad - exp_avg)
+        # exp_avg moves towards grad by 1 - beta1, computed from the nearer
+        # end as torch.lerp does, so beta1 = 0 gives grad exactly.
+        if beta1 > 0.5:
+            exp_avg += (1 - beta1) * (grad - exp_avg)
+        else:
+            exp_avg[...] = grad - beta1 * (grad - exp_avg)
         exp_avg_sq *= beta2
         exp_avg_sq += (1 - beta2) * grad * grad
         xp = _device.array_module(param)
@@ -184,6 +194,28 @@ def _unfusable_reason(array, grad):
     grad_device = _device.device_of_array(grad)
     if grad_device != _device.device_of_array(array):
         return f"its gradient is on {grad_device}, not on the parameter's device"
+    return None
+
+
+def _unfit_state_reason(array, states):
+    """Return why the fused loop cannot write ``array`` and its ``states``, or None.
+
+    The loop walks ``array.size`` elements of every state array through raw
+    addresses, so a state of another dtype or shape (left by a cast or a
+    new ``.data``) or a read-only array must take the per-parameter path,
+    which converts or raises as NumPy does.
+    """
+    if not array.flags.writeable:
+        return "the parameter's array is read-only"
+    for state in states:
+        if (type(state) is not type(array) or state.dtype != array.dtype
+                or state.shape != array.shape):
+            return (
+                f"its Adam state has dtype {state.dtype} and shape {state.shape}, "
+                f"not the parameter's {array.dtype} and {array.shape}"
+            )
+        if not state.flags.writeable:
+            return "its Adam state is read-only"
     return None
 
 
