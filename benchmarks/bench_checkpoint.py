@@ -27,13 +27,12 @@ import time
 
 import numpy as np
 
+from _results import write_section
+
 import gradflow as gf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
 PLOT = os.path.join(HERE, "checkpoint_tradeoff.png")
-BEGIN = "<!-- bench_checkpoint:begin -->"
-END = "<!-- bench_checkpoint:end -->"
 BUDGET_FRACTIONS = (0.5, 0.25, 0.1, 0.05)
 
 
@@ -237,22 +236,6 @@ def check_targets(config):
     ]
 
 
-def write_results(text):
-    section = f"{BEGIN}\n{text}\n{END}"
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            content = f.read()
-    else:
-        content = "# Benchmark results\n\n"
-    if BEGIN in content and END in content:
-        head, rest = content.split(BEGIN, 1)
-        content = head + section + rest.split(END, 1)[1]
-    else:
-        content = content.rstrip("\n") + "\n\n" + section + "\n"
-    with open(RESULTS, "w") as f:
-        f.write(content)
-
-
 def plot(configs):
     import matplotlib
 
@@ -362,7 +345,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.write_results:
-        write_results(text)
+        write_section("bench_checkpoint", text)
         plot(configs)
 
 

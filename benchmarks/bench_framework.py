@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from _results import write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -207,19 +209,6 @@ def derived_figures(results):
     return "\n".join(notes)
 
 
-def write_results(section):
-    path = os.path.join(HERE, "RESULTS.md")
-    begin, end = "<!-- bench_framework:begin -->", "<!-- bench_framework:end -->"
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -278,7 +267,7 @@ def main(argv=None):
     print()
     print(section)
     if args.write_results:
-        write_results(section)
+        write_section("bench_framework", section)
 
 
 if __name__ == "__main__":

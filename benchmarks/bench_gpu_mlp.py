@@ -45,8 +45,9 @@ import time
 
 import numpy as np
 
+from _results import write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-BEGIN, END = "<!-- bench_gpu_mlp:begin -->", "<!-- bench_gpu_mlp:end -->"
 TITLE = "## MLP training step on a GPU: gradflow against PyTorch eager"
 TARGET = ("at least 0.95x PyTorch eager throughput when the step is dominated "
           "by matrix products")
@@ -504,20 +505,6 @@ def placeholder_section(args):
     ])
 
 
-def write_section(section, path):
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    with open(path, "w") as handle:
-        handle.write(text)
-
-
-# -- main -------------------------------------------------------------------------------
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -576,7 +563,7 @@ def main(argv=None):
     if problem is not None:
         print(f"bench_gpu_mlp: skipped, no GPU to measure on: {problem}.")
         if args.write_results:
-            write_section(placeholder_section(args), args.results)
+            write_section("bench_gpu_mlp", placeholder_section(args), args.results)
             print(f"bench_gpu_mlp: wrote the \"not measured on a GPU yet\" section "
                   f"to {args.results}")
         return 0
@@ -595,7 +582,7 @@ def main(argv=None):
     section = measured_section(args, results)
     print(section)
     if args.write_results:
-        write_section(section, args.results)
+        write_section("bench_gpu_mlp", section, args.results)
     return 0
 
 

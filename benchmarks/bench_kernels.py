@@ -30,8 +30,9 @@ import time
 
 import numpy as np
 
+from _results import write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-BEGIN, END = "<!-- bench_kernels:begin -->", "<!-- bench_kernels:end -->"
 ACTIVATION_SIZES = (10**6, 10**7)
 CLIP_SHAPES = {"2000 x 512": [(512,)] * 2000, "200 x 512x512": [(512, 512)] * 200}
 PARAMS = {"leaky_relu": (0.01, 0.0), "softplus": (1.0, 20.0)}
@@ -278,8 +279,6 @@ def bench_gpu_large(rounds):
         )[name]
         # Two float32 reads and one write per element.
         result["activations"][name] = 12 * GPU_LARGE_ACTIVATION / seconds / 1e12
-        del saved
-    del x, grad
     count, size = GPU_LARGE_CLIP
     separate = [gf.empty(size, device="cuda") for _ in range(count)]
     for p in separate:
@@ -481,17 +480,6 @@ def report(args, cpu_rows, clip_rows, gpu):
     return "\n".join(lines)
 
 
-def write_section(section, path):
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    with open(path, "w") as handle:
-        handle.write(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2,
@@ -512,7 +500,7 @@ def main():
     section = report(args, cpu_rows, clip_rows, bench_gpu(args.rounds))
     print(section)
     if args.write_results:
-        write_section(section, args.results)
+        write_section("bench_kernels", section, args.results)
 
 
 if __name__ == "__main__":
