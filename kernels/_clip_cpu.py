@@ -30,9 +30,12 @@ __all__ = [
 ]
 
 
-@intrinsic
-def as_pointer(typingctx, address, like):
-    """Return ``address`` as a pointer to elements of ``like``'s dtype."""
+def typed_pointer(typingctx, address, like):
+    """Type ``address`` as a pointer to elements of ``like``'s dtype.
+
+    The body of ``as_pointer`` here and of its CUDA twin in ``_launch``,
+    which only register it with another target's ``intrinsic``.
+    """
     if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
         return None
     signature = types.CPointer(like.dtype)(address, like)
@@ -42,6 +45,11 @@ def as_pointer(typingctx, address, like):
         return builder.inttoptr(args[0], pointer_type)
 
     return signature, codegen
+
+
+# ``as_pointer(address, like)`` returns ``address`` as a pointer to
+# elements of ``like``'s dtype inside a compiled function.
+as_pointer = intrinsic(typed_pointer)
 
 
 @intrinsic

@@ -31,21 +31,13 @@ if SIMULATOR:
     def as_pointer(address, like):
         return _registered_arrays[int(address)]
 else:
-    from numba.core import types
     from numba.cuda.extending import intrinsic
+
+    from ._clip_cpu import typed_pointer
 
     # The CUDA twin of _clip_cpu.as_pointer: CUDA kernels resolve intrinsics
     # registered through numba.cuda.extending.
-    @intrinsic
-    def as_pointer(typingctx, address, like):
-        if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
-            return None
-        signature = types.CPointer(like.dtype)(address, like)
-
-        def codegen(context, builder, sig, args):
-            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-        return signature, codegen
+    as_pointer = intrinsic(typed_pointer)
 
 
 def device_address(flat):
