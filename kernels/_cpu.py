@@ -337,6 +337,95 @@ FLOAT32_LOOPS = {
 }
 
 
+# erfc(z) = t * exp(P(t) - z * z) with t = 1 / (1 + z / 2), for 0 <= z <= 11,
+# where P, of degree 12 in t, is a least-squares fit to log(erfc(z) / t) + z * z
+# on 220,001 evenly spaced z (float64 erfc as the reference), within 5e-10
+# relative of erfc there. Above 11, erfc(z) < 2e-54 and x * Phi(x) rounds
+# to zero in float32 for every x, so the tail is taken as 0.
+_ERFC_FIT = (
+    -1.2655050527781007, 0.9997500908242455, 0.37893505661434507,
+    0.04682992527548215, 0.13621412652744708, -1.0773171815841713,
+    2.6789063952756456, -5.786054387741642, 8.584865605686694,
+    -7.925268142088319, 4.424774102894597, -1.3836340786222234,
+    0.18750354018449197,
+)
+_ERFC_FIT_END = 11.0
+_LOG2E = 1.0 / math.log(2.0)
+# ln 2 split in two (Cody and Waite) so that n * _LN2_HI is exact.
+_LN2_HI = 0.693145751953125
+_LN2_LO = math.log(2.0) - 0.693145751953125
+_INV_FACTORIALS = tuple(1.0 / math.factorial(k) for k in range(12))
+
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    # The 64 bits of the integer ``bits``, reinterpreted as a float64.
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(bits), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _exp_float64(y):
+    # exp(y) for -700 <= y <= 0 as 2**n * exp(r), |r| <= ln(2) / 2, where a
+    # degree-11 Taylor polynomial is within 1e-14 relative. Arithmetic only,
+    # so that the loops calling it vectorize.
+    n = np.floor(y * _LOG2E + 0.5)
+    r = (y - n * _LN2_HI) - n * _LN2_LO
+    c = _INV_FACTORIALS
+    p = c[11]
+    p = p * r + c[10]
+    p = p * r + c[9]
+    p = p * r + c[8]
+    p = p * r + c[7]
+    p = p * r + c[6]
+    p = p * r + c[5]
+    p = p * r + c[4]
+    p = p * r + c[3]
+    p = p * r + c[2]
+    p = p * r + c[1]
+    p = p * r + c[0]
+    return p * _float64_from_bits((np.int64(n) + 1023) << 52)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _erfc_fit(z):
+    # erfc(z) for z >= 0 (NaN for NaN) from _ERFC_FIT, without library calls.
+    beyond = z > _ERFC_FIT_END
+    z = _ERFC_FIT_END if beyond else z
+    t = 1.0 / (1.0 + 0.5 * z)
+    c = _ERFC_FIT
+    p = c[12]
+    p = p * t + c[11]
+    p = p * t + c[10]
+    p = p * t + c[9]
+    p = p * t + c[8]
+    p = p * t + c[7]
+    p = p * t + c[6]
+    p = p * t + c[5]
+    p = p * t + c[4]
+    p = p * t + c[3]
+    p = p * t + c[2]
+    p = p * t + c[1]
+    p = p * t + c[0]
+    tail = t * _exp_float64(p - z * z)
+    return 0.0 if beyond else tail
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _gelu_forward_float32_loop(x, out):
+    # Computed in float64 and rounded once, with arithmetic only, so it vectorizes.
+    for i in numba.prange(x.size):
+        v = np.float64(x[i])
+        half_tail = 0.5 * _erfc_fit(abs(v) * INV_SQRT_2)
+        cdf = 1.0 - half_tail if v >= 0 else half_tail
+        out[i] = v * cdf
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _gelu_forward_loop(x, out):
     for i in numba.prange(x.size):
@@ -346,12 +435,16 @@ def _gelu_forward_loop(x, out):
 
 
 FORWARD_LOOPS = {"gelu": _gelu_forward_loop}
+FLOAT32_FORWARD_LOOPS = {"gelu": _gelu_forward_float32_loop}
 
 
 def activation_forward(name, x):
     """Return activation ``name`` of a C-contiguous float32 or float64 array."""
     out = np.empty_like(x)
-    FORWARD_LOOPS[name](x.reshape(-1), out.reshape(-1))
+    loop = FORWARD_LOOPS[name]
+    if x.dtype == np.float32:
+        loop = FLOAT32_FORWARD_LOOPS.get(name, loop)
+    loop(x.reshape(-1), out.reshape(-1))
     return out
 
 

@@ -418,3 +418,32 @@ def test_gelu_huge_finite_input_stays_finite():
     x = np.array([3e38, -3e38, 1.0], dtype=np.float32)  # small: the array path
     out = gf.gelu(gf.tensor(x)).data
     np.testing.assert_array_equal(out[:2], x[:2] * np.array([1, 0], dtype=np.float32))
+
+
+def test_gelu_forward_float32_within_one_ulp():
+    pytest.importorskip("scipy")
+    from gradflow_kernels import _cpu
+
+    x = np.concatenate([
+        np.linspace(-20, 20, 400_001), np.random.standard_normal(50_000) * 5,
+    ]).astype(np.float32)
+    out = np.empty_like(x)
+    _cpu._gelu_forward_float32_loop(x, out)
+    reference = _gelu_reference(x)
+    ulp = np.spacing(np.abs(reference.astype(np.float32))).astype(np.float64)
+    error = np.abs(out.astype(np.float64) - reference) / ulp
+    assert error.max() <= 1.0
+
+
+def test_gelu_forward_float32_special_values():
+    from gradflow_kernels import _cpu
+
+    x = np.array([np.nan, np.inf, 0.0, -0.0, 3e38, -3e38, 1e-40, -50.0],
+                 dtype=np.float32)
+    out = np.empty_like(x)
+    _cpu._gelu_forward_float32_loop(x, out)
+    assert np.isnan(out[0])
+    np.testing.assert_array_equal(out[1:6], x[1:6] * np.array([1, 0, 1, 1, 0], np.float32))
+    assert np.signbit(out[3])
+    assert out[6] == np.float32(5e-41)
+    assert out[7] == 0.0
