@@ -336,7 +336,7 @@ def _count_for_a_local():
     return _count_in_callee(value)
 
 
-# What _unshared's sys.getrefcount gives for an array that one local of its
+# The count _unshared's sys.getrefcount gives for an array that one local of its
 # caller refers to: the same call shape, measured, because the number
 # differs between Python versions.
 _LOCAL_ONLY = _count_for_a_local()
