@@ -144,6 +144,16 @@ def _float32_from_bits(typingctx, bits):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _horner(coefficients, x):
+    # The polynomial with ``coefficients`` (constant term first) at x. The
+    # tuple's length is a compile-time constant, so the loop unrolls.
+    p = coefficients[-1]
+    for k in range(len(coefficients) - 2, -1, -1):
+        p = p * x + coefficients[k]
+    return p
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _exp_nonpositive_float32(y):
     # exp(y) for y <= 0 as 2**n * exp(r), |r| <= ln(2) / 2, where a degree-7
     # Taylor polynomial is within 1e-8 relative. Below -87 the result would
@@ -152,15 +162,7 @@ def _exp_nonpositive_float32(y):
     y = max(y, _F32_EXP_MIN)
     n = np.floor(y * _F32_LOG2E + _F32_HALF)
     r = (y - n * _F32_LN2_HI) - n * _F32_LN2_LO
-    c = _F32_INV_FACTORIALS
-    p = c[7]
-    p = p * r + c[6]
-    p = p * r + c[5]
-    p = p * r + c[4]
-    p = p * r + c[3]
-    p = p * r + c[2]
-    p = p * r + c[1]
-    p = p * r + c[0]
+    p = _horner(_F32_INV_FACTORIALS, r)
     value = p * _float32_from_bits((np.int32(n) + 127) << 23)
     return np.float32(0.0) if underflow else value
 
@@ -376,19 +378,7 @@ def _exp_float64(y):
     # so that the loops calling it vectorize.
     n = np.floor(y * _LOG2E + 0.5)
     r = (y - n * _LN2_HI) - n * _LN2_LO
-    c = _INV_FACTORIALS
-    p = c[11]
-    p = p * r + c[10]
-    p = p * r + c[9]
-    p = p * r + c[8]
-    p = p * r + c[7]
-    p = p * r + c[6]
-    p = p * r + c[5]
-    p = p * r + c[4]
-    p = p * r + c[3]
-    p = p * r + c[2]
-    p = p * r + c[1]
-    p = p * r + c[0]
+    p = _horner(_INV_FACTORIALS, r)
     return p * _float64_from_bits((np.int64(n) + 1023) << 52)
 
 
@@ -398,20 +388,7 @@ def _erfc_fit(z):
     beyond = z > _ERFC_FIT_END
     z = _ERFC_FIT_END if beyond else z
     t = 1.0 / (1.0 + 0.5 * z)
-    c = _ERFC_FIT
-    p = c[12]
-    p = p * t + c[11]
-    p = p * t + c[10]
-    p = p * t + c[9]
-    p = p * t + c[8]
-    p = p * t + c[7]
-    p = p * t + c[6]
-    p = p * t + c[5]
-    p = p * t + c[4]
-    p = p * t + c[3]
-    p = p * t + c[2]
-    p = p * t + c[1]
-    p = p * t + c[0]
+    p = _horner(_ERFC_FIT, t)
     tail = t * _exp_float64(p - z * z)
     return 0.0 if beyond else tail
 

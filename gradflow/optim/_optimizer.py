@@ -1,9 +1,6 @@
 """The Optimizer base class: parameter groups, per-parameter state, checkpoints."""
 
-import contextlib
 import numbers
-
-import numpy as np
 
 from .. import _device
 from .._tensor import Tensor, make_tensor, tensor
@@ -95,7 +92,7 @@ class Optimizer:
         """Run ``_update`` on each of ``params``, all of which have a gradient."""
         for param in params:
             state = self.state.setdefault(param, {})
-            with _on_device_of(param.data):
+            with _device.on_device_of(param.data):
                 self._update(param.data, grad_array(param), state, group)
             bump_version(param)
 
@@ -252,12 +249,6 @@ def bump_version(param):
 def zeros_state(param):
     """Return a zero Tensor with ``param``'s shape, dtype and device."""
     return make_tensor(_device.array_module(param).zeros_like(param))
-
-
-def _on_device_of(array):
-    if isinstance(array, np.ndarray):
-        return contextlib.nullcontext()
-    return _device.device_of_array(array)
 
 
 def _split_state_dict(state_dict, name):
