@@ -377,3 +377,19 @@ def test_stale_slots_add_nothing(spy_buffer_path):
     assert spy_buffer_path == [buffer]
     np.testing.assert_allclose(norm.item(), expected, rtol=1e-6)
     assert all(p.grad is None for p in second.parameters())
+
+
+def test_zeroing_stale_slot_bumps_version():
+    first, second = gf.nn.Linear(3, 2), gf.nn.Linear(3, 2)
+    params = list(first.parameters()) + list(second.parameters())
+    GradientBuffer(params)
+    x = gf.ones(4, 3)
+    (first(x).sum() + second(x).sum()).backward()
+    old = second.weight.grad
+    before = int(old._version[0])
+    for p in params:
+        p.grad = None
+    first(x).sum().backward()
+    clip_grad_norm_(params, 1e6)  # zeroes the stale slot that ``old`` views
+    assert float(np.abs(old.data).max()) == 0.0
+    assert int(old._version[0]) > before

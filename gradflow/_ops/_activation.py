@@ -79,11 +79,11 @@ class Gelu(Function):
             return fused
         from .._special import erf
 
-        # In place after the first product: three fewer temporaries of x's
-        # size, and the same values, since scaling by 0.5 is exact.
+        # In place after the first product, which saves three temporaries of
+        # x's size. Halving before the product keeps a huge finite x from
+        # overflowing to inf.
         out = erf(x * _INV_SQRT_2)
         out += 1
-        # Halved before the product, so a huge finite x gives x, not inf.
         out *= 0.5
         out *= x
         return out

@@ -99,7 +99,7 @@ class GradientBuffer:
 
     @property
     def arrays(self):
-        """The flat arrays, one per dtype, that hold the gradients."""
+        """The flat arrays, one per dtype, that contain the gradients."""
         return self._flats
 
     def zero_(self):
@@ -179,7 +179,9 @@ class GradientBuffer:
         ):
             return False
         for position in self._stale:
-            self._slots[position].data[...] = 0
+            slot = self._slots[position]
+            slot.data[...] = 0
+            slot._version[0] += 1
         self._stale.clear()
         return True
 

@@ -199,7 +199,7 @@ def _as_list(parameters):
 
 
 def _whole_buffer(parameters):
-    """Return the GradientBuffer holding exactly the gradients of ``parameters``."""
+    """Return the GradientBuffer that contains exactly the gradients of ``parameters``."""
     buffer = getattr(parameters[0], "_grad_buffer", None) if parameters else None
     if buffer is not None and buffer._holds_exactly(parameters):
         return buffer
