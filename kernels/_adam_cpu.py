@@ -2,9 +2,9 @@
 
 The loop receives a table of addresses (parameter, gradient, ``exp_avg``,
 ``exp_avg_sq`` and, for amsgrad, ``max_exp_avg_sq`` of each tensor) and
-per-tensor step scalars, cut into chunks as the clipping loops are, so one
-call updates any number of tensors in a single pass over their memory and
-allocates no temporaries. The caller keeps every array alive while the loop
+per-tensor step scalars. The tensors are cut into chunks as the clipping
+loops cut them, so one call updates any number of tensors in a single pass
+over their memory and allocates no temporaries. The caller keeps every array alive while the loop
 runs on its address.
 
 The arithmetic runs in float64 and each value is rounded once, when the
@@ -38,7 +38,7 @@ STEP_SIZE, SQRT_BIAS_CORRECTION2, DECAY = range(3)
 def adam_chunks(addresses, tensor, start, stop, like, scalars, options):
     """Apply one Adam step to every chunk of the tabled tensors in place.
 
-    ``scalars[t]`` holds tensor t's lr / (1 - beta1**step),
+    ``scalars[t]`` contains tensor t's lr / (1 - beta1**step),
     sqrt(1 - beta2**step) and decoupled decay factor 1 - lr * weight_decay
     (1.0 without decoupled decay). ``options`` is float64 [beta1, beta2, eps,
     coupled weight_decay, gradient sign (-1.0 to maximize), amsgrad (0 or 1)].

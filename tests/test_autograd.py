@@ -468,7 +468,7 @@ def test_none_gradient_does_not_stall_parents():
 class _Fresh(gf.autograd.Function):
     """Doubles its input; backward reports each gradient array it creates."""
 
-    made = []
+    created = []
 
     @staticmethod
     def forward(ctx, x):
@@ -477,7 +477,7 @@ class _Fresh(gf.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out = grad * 2
-        _Fresh.made.append(weakref.ref(out))
+        _Fresh.created.append(weakref.ref(out))
         return out
 
 
@@ -496,10 +496,10 @@ class _GiveBackInput(gf.autograd.Function):
 
 
 def test_fresh_leaf_gradient_is_kept():
-    _Fresh.made.clear()
+    _Fresh.created.clear()
     x = gf.tensor([1.0, 2.0], requires_grad=True)
     _Fresh.apply(x).sum().backward()
-    assert _Fresh.made[0]() is x.grad.data
+    assert _Fresh.created[0]() is x.grad.data
 
 
 def test_shared_gradient_is_copied_per_leaf():
@@ -524,11 +524,11 @@ def test_root_gradient_of_user_is_copied():
 
 
 def test_gradient_kept_by_hook_is_copied():
-    kept = []
+    stored = []
     x = gf.tensor([1.0, 2.0], requires_grad=True)
-    x.register_hook(kept.append)
+    x.register_hook(stored.append)
     _Fresh.apply(x).sum().backward()
-    assert not np.shares_memory(kept[0].data, x.grad.data)
+    assert not np.shares_memory(stored[0].data, x.grad.data)
 
 
 def test_saved_array_returned_as_gradient_is_copied():

@@ -11,12 +11,13 @@ import gradflow as gf
 from gradflow import nn
 from test_training_state import SAMPLES, make_digits
 
-# NOTE: the tolerance of the drift test. NumPy 2.4 keeps small bounded
-# caches that its reductions (np.sum, np.cumsum) refill as they go. Entries
-# replaced while tracemalloc runs count as growth until the whole cache has
-# been replaced once, which took this loop up to about 38 KiB over its first
-# 1,000 traced steps and about 5 KiB over the next 1,000 (2-core x86
-# machine, Python 3.11). So the test measures the second traced window. A
+# NOTE: the tolerance of the drift test. Under tracemalloc, allocations made
+# in NumPy 2.4's reductions (np.sum, np.cumsum) grow and then level off, as
+# small bounded caches would while their entries are replaced (observed in
+# tracemalloc's tracebacks, not read in NumPy's source). This loop grew by
+# up to about 38 KiB over its first 1,000 traced steps and by about 5 KiB
+# over the next 1,000 (2-core x86 machine, Python 3.11), so the test
+# measures the second traced window. A
 # leak of one Tensor or one small array per step (at least ~56 bytes each)
 # adds at least 55 KiB over 1,000 steps, so 32 KiB catches any per-step leak
 # of a whole object.

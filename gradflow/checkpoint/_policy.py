@@ -39,7 +39,7 @@ __all__ = ["Policy"]
 
 # A Tensor that a record in a policy region saved as it is, by (id of its
 # record, output index), while something else keeps it alive. The Tensor
-# holds its record, so the id is not reused meanwhile.
+# refers to its record, so the id is not reused meanwhile.
 _saved_as_is = weakref.WeakValueDictionary()
 # Functions whose forward reads more than its arguments; see never_replayed.
 _never_replayed = set()

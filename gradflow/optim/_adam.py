@@ -92,7 +92,7 @@ class Adam(Optimizer):
         array, grad = param.data, grad_array(param)
         reason = _unfusable_reason(array, grad)
         if reason is not None:
-            return self._refuse_fused(group, param, reason)
+            return self._reject_fused(group, param, reason)
         # NOTE: the CuPy tables (one CUDA launch each) have run only under the
         # CUDA simulator, on NumPy arrays, not on a GPU.
         key = (type(array), array.dtype, _device.device_of_array(array))
@@ -100,7 +100,7 @@ class Adam(Optimizer):
             tables[key] = gradflow_kernels.adam_table(array)
         table = tables[key]
         if table is None:
-            return self._refuse_fused(
+            return self._reject_fused(
                 group, param, "no kernel takes its dtype on its device"
             )
         state = self.state.setdefault(param, {})
@@ -112,13 +112,13 @@ class Adam(Optimizer):
             arrays.append(state["max_exp_avg_sq"].data)
         reason = _unfit_state_reason(array, arrays[2:])
         if reason is not None:
-            return self._refuse_fused(group, param, reason)
+            return self._reject_fused(group, param, reason)
         if not table.add(arrays, _step_scalars(group, state["step"] + 1,
                                                self.decoupled_weight_decay)):
-            return self._refuse_fused(group, param, "an array is not C-contiguous")
+            return self._reject_fused(group, param, "an array is not C-contiguous")
         return True
 
-    def _refuse_fused(self, group, param, reason):
+    def _reject_fused(self, group, param, reason):
         if group.get("fused"):
             raise ValueError(
                 f"{type(self).__name__}(fused=True) cannot update the parameter "
@@ -201,9 +201,9 @@ def _unfit_state_reason(array, states):
     """Return why the fused loop cannot write ``array`` and its ``states``, or None.
 
     The loop walks ``array.size`` elements of every state array through raw
-    addresses, so a state of another dtype or shape (left by a cast or a
-    new ``.data``) or a read-only array must take the per-parameter path,
-    which converts or raises as NumPy does.
+    addresses. A state of another dtype or shape (left by a cast or a new
+    ``.data``) or a read-only array must therefore take the per-parameter
+    path, which converts or raises as NumPy does.
     """
     if not array.flags.writeable:
         return "the parameter's array is read-only"
