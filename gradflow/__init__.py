@@ -33,6 +33,9 @@ from .anomaly import detect_anomaly, is_anomaly_enabled, set_detect_anomaly
 # gradflow.checkpoint is a callable module: gf.checkpoint(fn, *args).
 from . import checkpoint, memory
 from .checkpoint import checkpoint_plan, checkpoint_sequential
+from . import _fastpath
+
+_fastpath.bind()
 
 float16 = half = _np.dtype(_np.float16)
 float32 = float = _np.dtype(_np.float32)

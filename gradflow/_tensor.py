@@ -4,7 +4,7 @@ import numbers
 
 import numpy as np
 
-from . import _device, _views
+from . import _device, _fastpath, _views
 from .autograd import _engine, _function, _grad_mode, _namespace
 from .errors import GraphError
 
@@ -73,6 +73,9 @@ class Tensor:
     def grad(self, value):
         if value is not None:
             _check_grad_assignment(self, value)
+            if value.grad_fn is not None:
+                # A gradient with a graph can refer back to this tensor.
+                _fastpath.track_records()
         if self._grad_buffer is not None:
             self._grad_buffer._note_assignment(self, value)
         self._grad = value
@@ -311,6 +314,8 @@ class Tensor:
                 "register_hook() needs a tensor that requires grad; this one "
                 "never receives a gradient."
             )
+        # The hook's closure may refer to tensors computed from this one.
+        _fastpath.track_records()
         if self.grad_fn is None:
             if self._hooks is None:
                 self._hooks = []

@@ -15,6 +15,7 @@ In-place operators (``+=``, ``t[i] = v``, ``add_``, ...) follow PyTorch:
 import numpy as np
 
 from . import _ops, _views
+from ._fastpath import fast_op
 from ._ops import _shape as _shape_ops
 from ._ops import _common, _index
 from ._tensor import Tensor, make_tensor
@@ -23,7 +24,12 @@ from .errors import GraphError
 
 
 def _reflected(op):
-    return lambda self, other: op(other, self)
+    def reflected(self, other):
+        return op(other, self)
+
+    if op.__name__ in ("add", "sub", "mul", "div"):
+        return fast_op(op.__name__, reflected, reflected=True)
+    return reflected
 
 
 _BINARY = {

@@ -48,6 +48,29 @@ def device(request):
     return gf.device(request.param)
 
 
+@pytest.fixture
+def python_path():
+    """Run the test with gradflow's C extension switched off (the Python path)."""
+    from gradflow import _fastpath
+
+    previous = _fastpath.set_enabled(False)
+    yield
+    _fastpath.set_enabled(previous)
+
+
+@pytest.fixture(params=["c", "python"])
+def both_paths(request):
+    """Run the test once through the C extension and once through Python.
+
+    Without the extension both runs take the Python path.
+    """
+    from gradflow import _fastpath
+
+    previous = _fastpath.set_enabled(request.param == "c")
+    yield request.param
+    _fastpath.set_enabled(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds():
     gf.manual_seed(0)

@@ -333,7 +333,7 @@ def test_fused_path_runs_when_eligible(monkeypatch):
     assert calls == {"fused": 1, "generic": 0}
 
 
-def test_generic_path_below_threshold(monkeypatch):
+def test_generic_path_below_threshold(monkeypatch, python_path):
     calls = _count_fused(monkeypatch)
     _relu_backward(np.random.randn(gradflow_kernels.CPU_MIN_SIZE - 1))
     assert calls == {"fused": 0, "generic": 1}

@@ -12,6 +12,7 @@ import math
 
 import gradflow_kernels
 
+from .._fastpath import fast_path
 from ..autograd import Function
 from ._common import check_float
 from ._unary import activation_grad as _activation_grad
@@ -163,6 +164,7 @@ def _checked(x, name):
     return x
 
 
+@fast_path("relu")
 def relu(x):
     """Return max(x, 0) elementwise; the gradient at 0 is 0."""
     return Relu.apply(_checked(x, "relu"))

@@ -9,6 +9,7 @@ import numbers
 import numpy as np
 
 
+from .._fastpath import fast_path
 from .._tensor import Tensor
 from ..autograd import Function
 from ._common import as_operand, check_float, check_broadcast
@@ -198,21 +199,25 @@ def _promote(a, b):
     return a, b
 
 
+@fast_path("add")
 def add(a, b):
     """Return ``a + b`` with broadcasting; either side may be a Python number."""
     return _binary(Add, "add", a, b)
 
 
+@fast_path("sub")
 def sub(a, b):
     """Return ``a - b`` with broadcasting."""
     return _binary(Sub, "sub", a, b)
 
 
+@fast_path("mul")
 def mul(a, b):
     """Return ``a * b`` with broadcasting."""
     return _binary(Mul, "mul", a, b)
 
 
+@fast_path("div")
 def div(a, b):
     """Return ``a / b`` with broadcasting (true division)."""
     return _binary(Div, "div", a, b)
@@ -227,6 +232,7 @@ def pow(a, b):
     return _binary(Pow, "pow", a, b)
 
 
+@fast_path("neg")
 def neg(a):
     """Return ``-a``."""
     return Neg.apply(a)

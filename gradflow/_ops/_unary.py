@@ -8,6 +8,7 @@ import numpy as np
 from .._device import cupy_module
 from .._tensor import Tensor, tensor
 from .. import _special
+from .._fastpath import fast_op
 from ..autograd import Function
 from ..autograd._namespace import TensorNamespace
 from ._common import as_operand, check_broadcast, check_float
@@ -274,14 +275,14 @@ def _tensor_arg(x, name):
     return tensor(x)
 
 
-exp = _float_unary(Exp, "exp")
-log = _float_unary(Log, "log")
+exp = fast_op("exp", _float_unary(Exp, "exp"))
+log = fast_op("log", _float_unary(Log, "log"))
 log1p = _float_unary(Log1p, "log1p")
-sqrt = _float_unary(Sqrt, "sqrt")
-sin = _float_unary(Sin, "sin")
-cos = _float_unary(Cos, "cos")
-tanh = _float_unary(Tanh, "tanh")
-sigmoid = _float_unary(Sigmoid, "sigmoid")
+sqrt = fast_op("sqrt", _float_unary(Sqrt, "sqrt"))
+sin = fast_op("sin", _float_unary(Sin, "sin"))
+cos = fast_op("cos", _float_unary(Cos, "cos"))
+tanh = fast_op("tanh", _float_unary(Tanh, "tanh"))
+sigmoid = fast_op("sigmoid", _float_unary(Sigmoid, "sigmoid"))
 erf = _float_unary(Erf, "erf")
 
 

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from .. import _fastpath
 from ..errors import GraphError
 from . import _grad_mode
 from ._function import Context
@@ -26,6 +27,10 @@ array_namespace = None
 # backward while gradflow.anomaly's detection is on; None otherwise.
 anomaly_hook = None
 
+# The C extension's walk, set by gradflow._fastpath.bind(); it runs a plain
+# backward (no create_graph, no inputs, no anomaly detection) as _run does.
+fast_backward = None
+
 
 def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
                  allow_unused=False):
@@ -35,6 +40,9 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
     (``Tensor.backward``). Otherwise the gradients of ``inputs`` are returned
     and no ``.grad`` changes (``gradflow.grad``).
     """
+    if create_graph:
+        # The gradients will carry graphs that refer back into this one.
+        _fastpath.track_records()
     # The walk allocates many small containers while the whole graph is
     # alive, and each automatic collection would traverse that graph again.
     # The walk creates no reference cycles, so collection waits until it ends.
@@ -51,6 +59,9 @@ def run_backward(roots, root_grads, retain_graph, create_graph, inputs=None,
 def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
     if retain_graph is None:
         retain_graph = create_graph
+    if (fast_backward is not None and inputs is None and not create_graph
+            and anomaly_hook is None):
+        return fast_backward(list(roots), list(root_grads), retain_graph)
     captures = _capture_table(inputs) if inputs is not None else None
     results = {}
     buffers = {}

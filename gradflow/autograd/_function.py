@@ -69,7 +69,7 @@ class Context:
     __slots__ = (
         "function", "edges", "input_meta", "needs_input_grad", "out_meta",
         "saved", "_saved_kinds", "_saved_versions", "_released", "_hooks",
-        "_retained", "xp", "array_module", "__dict__", "__weakref__",
+        "_retained", "xp", "array_module", "_op", "__dict__", "__weakref__",
     )
 
     def __init__(self):
@@ -78,6 +78,9 @@ class Context:
         self._hooks = None
         self._retained = None
         self._released = False
+        # The C extension's op code for records it made, whose backward it
+        # can run itself; None for records made in Python.
+        self._op = None
 
     @property
     def name(self):

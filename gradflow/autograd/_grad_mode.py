@@ -3,6 +3,8 @@
 import functools
 import threading
 
+from .._fastpath import extension
+
 __all__ = ["no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled"]
 
 _state = threading.local()
@@ -15,6 +17,13 @@ def is_grad_enabled():
 
 def _set_enabled(mode):
     _state.enabled = mode
+
+
+if extension is not None:
+    # The C ops read the flag on every call, so it lives in the extension
+    # (one per thread, as here).
+    is_grad_enabled = extension.is_grad_enabled  # noqa: F811
+    _set_enabled = extension.set_grad_enabled  # noqa: F811
 
 
 class _GradMode:

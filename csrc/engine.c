@@ -1,0 +1,819 @@
+/* The backward walk of gradflow.autograd._engine._run, in C.
+ *
+ * It covers a plain backward: gradients into .grad, no create_graph, no
+ * gf.grad inputs, no anomaly detection. The Python engine handles the
+ * rest. Nodes run in the same order, and gradients sum in the same order,
+ * as in the Python walk, so both give bitwise equal results. The rare
+ * steps (output hooks, missing output gradients, broadcast gradients,
+ * storing leaf gradients) call the same Python helpers.
+ */
+#include "gradflow.h"
+
+typedef struct {
+    PyObject *node;          /* strong reference for the whole walk */
+    Py_ssize_t dependencies; /* uses of its outputs not yet delivered */
+    char counted;            /* the Python walk's `node in dependencies` */
+    char buffered;           /* the Python walk's `node in buffers` */
+    Py_ssize_t n_out;
+    PyObject *slot0;         /* the gradient buffer when n_out == 1 */
+    PyObject **slots;        /* the gradient buffers when n_out > 1 */
+} NodeState;
+
+typedef struct {
+    NodeState *states;
+    Py_ssize_t count, capacity;
+    Py_ssize_t *table;       /* open addressing: state index + 1, 0 empty */
+    size_t table_size;
+    Py_ssize_t *ready;
+    Py_ssize_t n_ready, ready_capacity;
+    PyObject *leaf_grads;
+    int retain_graph;
+} Walk;
+
+/* -- the node table --------------------------------------------------------- */
+
+static size_t
+hash_pointer(PyObject *p, size_t mask)
+{
+    size_t h = (size_t)p >> 4;
+    h *= (size_t)0x9E3779B97F4A7C15ULL;
+    return (h >> 17) & mask;
+}
+
+static Py_ssize_t
+find(Walk *w, PyObject *node)
+{
+    size_t mask = w->table_size - 1;
+    for (size_t i = hash_pointer(node, mask);; i = (i + 1) & mask) {
+        Py_ssize_t entry = w->table[i];
+        if (entry == 0) {
+            return -1;
+        }
+        if (w->states[entry - 1].node == node) {
+            return entry - 1;
+        }
+    }
+}
+
+static int
+grow_table(Walk *w)
+{
+    size_t size = w->table_size * 2;
+    Py_ssize_t *table = PyMem_Calloc(size, sizeof(Py_ssize_t));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < w->count; k++) {
+        size_t i = hash_pointer(w->states[k].node, size - 1);
+        while (table[i] != 0) {
+            i = (i + 1) & (size - 1);
+        }
+        table[i] = k + 1;
+    }
+    PyMem_Free(w->table);
+    w->table = table;
+    w->table_size = size;
+    return 0;
+}
+
+/* Double the capacity of the array `*items` of `item_size`-byte items. */
+static int
+grow_array(void **items, Py_ssize_t *capacity, size_t item_size)
+{
+    void *grown = PyMem_Realloc(*items, (size_t)*capacity * 2 * item_size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = grown;
+    *capacity *= 2;
+    return 0;
+}
+
+static Py_ssize_t
+insert(Walk *w, PyObject *node)
+{
+    if ((size_t)(w->count + 1) * 2 > w->table_size && grow_table(w) < 0) {
+        return -1;
+    }
+    if (w->count == w->capacity
+            && grow_array((void **)&w->states, &w->capacity, sizeof(NodeState)) < 0) {
+        return -1;
+    }
+    Py_ssize_t k = w->count++;
+    NodeState *st = &w->states[k];
+    memset(st, 0, sizeof(*st));
+    Py_INCREF(node);
+    st->node = node;
+    size_t mask = w->table_size - 1;
+    size_t i = hash_pointer(node, mask);
+    while (w->table[i] != 0) {
+        i = (i + 1) & mask;
+    }
+    w->table[i] = k + 1;
+    return k;
+}
+
+static Py_ssize_t
+find_or_insert(Walk *w, PyObject *node)
+{
+    Py_ssize_t k = find(w, node);
+    return k >= 0 ? k : insert(w, node);
+}
+
+static int
+push_ready(Walk *w, Py_ssize_t k)
+{
+    if (w->n_ready == w->ready_capacity
+            && grow_array((void **)&w->ready, &w->ready_capacity, sizeof(Py_ssize_t)) < 0) {
+        return -1;
+    }
+    w->ready[w->n_ready++] = k;
+    return 0;
+}
+
+static void
+clear_slots(NodeState *st)
+{
+    Py_CLEAR(st->slot0);
+    if (st->slots != NULL) {
+        for (Py_ssize_t i = 0; i < st->n_out; i++) {
+            Py_CLEAR(st->slots[i]);
+        }
+        PyMem_Free(st->slots);
+        st->slots = NULL;
+    }
+}
+
+static void
+walk_free(Walk *w)
+{
+    for (Py_ssize_t k = 0; k < w->count; k++) {
+        clear_slots(&w->states[k]);
+        Py_DECREF(w->states[k].node);
+    }
+    PyMem_Free(w->states);
+    PyMem_Free(w->table);
+    PyMem_Free(w->ready);
+    Py_XDECREF(w->leaf_grads);
+}
+
+/* -- gradients ---------------------------------------------------------------- */
+
+/* current + grad, as `current + grad` in Python. */
+static PyObject *
+accumulate(PyObject *current, PyObject *grad)
+{
+    if (PyArray_CheckExact(current) && PyArray_CheckExact(grad)) {
+        PyArrayObject *a = (PyArrayObject *)current, *b = (PyArrayObject *)grad;
+        if (gf_loop_fits(a) && gf_loop_fits(b) && gf_loop_same_layout(a, b)) {
+            PyArrayObject *sum = gf_loop_binary(OP_ADD, a, b);
+            if (sum != NULL) {
+                return (PyObject *)sum;
+            }
+        }
+    }
+    return PyNumber_Add(current, grad);
+}
+
+/* Add `grad` (borrowed) to output `index` of `node`'s buffer. */
+static int
+add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
+{
+    Py_ssize_t k = find_or_insert(w, node);
+    if (k < 0) {
+        return -1;
+    }
+    Py_ssize_t index = PyLong_AsSsize_t(index_object);
+    if (index == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    NodeState *st = &w->states[k];
+    if (!st->buffered) {
+        PyObject *out_meta = gf_get(node, GF.c.out_meta);
+        if (out_meta == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "record has no out_meta");
+            return -1;
+        }
+        Py_ssize_t n_out = PyObject_Length(out_meta);
+        if (n_out < 0) {
+            return -1;
+        }
+        st = &w->states[k];
+        st->buffered = 1;
+        st->n_out = n_out;
+        if (n_out > 1) {
+            st->slots = PyMem_Calloc(n_out, sizeof(PyObject *));
+            if (st->slots == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+    }
+    if (index < 0 || index >= st->n_out) {
+        PyErr_Format(PyExc_IndexError,
+                     "backward: output index %zd of a record with %zd output(s)",
+                     index, st->n_out);
+        return -1;
+    }
+    PyObject **slot = st->n_out == 1 ? &st->slot0 : &st->slots[index];
+    if (*slot == NULL) {
+        Py_INCREF(grad);
+        *slot = grad;
+        return 0;
+    }
+    PyObject *sum = accumulate(*slot, grad);
+    if (sum == NULL) {
+        return -1;
+    }
+    Py_SETREF(*slot, sum);
+    return 0;
+}
+
+/* 1 if `grad` has the shape and dtype in `meta`, 0 if not, -1 on error. */
+static int
+matches_meta(PyObject *grad, PyObject *meta)
+{
+    if (!PyTuple_CheckExact(meta) || PyTuple_GET_SIZE(meta) != 2) {
+        return 0;
+    }
+    PyObject *shape = PyTuple_GET_ITEM(meta, 0), *dtype = PyTuple_GET_ITEM(meta, 1);
+    if (PyArray_CheckExact(grad) && PyTuple_CheckExact(shape)) {
+        PyArrayObject *array = (PyArrayObject *)grad;
+        int ndim = PyArray_NDIM(array);
+        if (ndim != PyTuple_GET_SIZE(shape)) {
+            return 0;
+        }
+        for (int i = 0; i < ndim; i++) {
+            Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, i));
+            if (n == -1 && PyErr_Occurred()) {
+                return -1;
+            }
+            if (n != PyArray_DIMS(array)[i]) {
+                return 0;
+            }
+        }
+        PyObject *descr = (PyObject *)PyArray_DESCR(array);
+        return descr == dtype ? 1 : PyObject_RichCompareBool(descr, dtype, Py_EQ);
+    }
+    PyObject *grad_shape = PyObject_GetAttrString(grad, "shape");
+    if (grad_shape == NULL) {
+        return -1;
+    }
+    int same = PyObject_RichCompareBool(grad_shape, shape, Py_EQ);
+    Py_DECREF(grad_shape);
+    if (same <= 0) {
+        return same;
+    }
+    PyObject *grad_dtype = PyObject_GetAttrString(grad, "dtype");
+    if (grad_dtype == NULL) {
+        return -1;
+    }
+    same = PyObject_RichCompareBool(grad_dtype, dtype, Py_EQ);
+    Py_DECREF(grad_dtype);
+    return same;
+}
+
+/* -- the walk ----------------------------------------------------------------- */
+
+static int
+edge_parent(PyObject *edge, PyObject **parent, PyObject **index)
+{
+    if (!PyTuple_CheckExact(edge)) {
+        return 0;
+    }
+    if (PyTuple_GET_SIZE(edge) != 2) {
+        PyErr_SetString(PyExc_ValueError, "backward: a record edge must be (record, index)");
+        return -1;
+    }
+    *parent = PyTuple_GET_ITEM(edge, 0);
+    *index = PyTuple_GET_ITEM(edge, 1);
+    return 1;
+}
+
+/* For every record reachable from the buffered roots, count the edges that
+   lead to it (the Python walk's _count_dependencies). */
+static int
+count_dependencies(Walk *w)
+{
+    Py_ssize_t n_stack = 0, capacity = w->count + 16;
+    Py_ssize_t *stack = PyMem_Malloc(capacity * sizeof(Py_ssize_t));
+    if (stack == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < w->count; k++) {
+        stack[n_stack++] = k;
+    }
+    int status = 0;
+    while (n_stack > 0 && status == 0) {
+        PyObject *node = w->states[stack[--n_stack]].node;
+        PyObject *edges = gf_get(node, GF.c.edges);
+        PyObject *seq = edges ? PySequence_Fast(edges, "record edges must be a list") : NULL;
+        if (seq == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_AttributeError, "record has no edges");
+            }
+            status = -1;
+            break;
+        }
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *parent, *index;
+            int is_record = edge_parent(PySequence_Fast_GET_ITEM(seq, i), &parent, &index);
+            if (is_record < 0) {
+                status = -1;
+                break;
+            }
+            if (!is_record) {
+                continue;
+            }
+            Py_ssize_t k = find_or_insert(w, parent);
+            if (k < 0) {
+                status = -1;
+                break;
+            }
+            NodeState *st = &w->states[k];
+            if (st->counted) {
+                st->dependencies++;
+                continue;
+            }
+            st->counted = 1;
+            st->dependencies = 1;
+            if (!st->buffered) {
+                if (n_stack == capacity
+                        && grow_array((void **)&stack, &capacity, sizeof(Py_ssize_t)) < 0) {
+                    status = -1;
+                    break;
+                }
+                stack[n_stack++] = k;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    PyMem_Free(stack);
+    return status;
+}
+
+/* Count an edge that carried no gradient as delivered (the Python walk's
+   _skip_edge): a record left with no gradient at all never runs, but still
+   reports to its own parents. */
+static int
+skip_edge(Walk *w, PyObject *first)
+{
+    PyObject *stack = PyList_New(0);
+    if (stack == NULL || PyList_Append(stack, first) < 0) {
+        Py_XDECREF(stack);
+        return -1;
+    }
+    int status = 0;
+    while (PyList_GET_SIZE(stack) > 0 && status == 0) {
+        Py_ssize_t last = PyList_GET_SIZE(stack) - 1;
+        PyObject *node = PyList_GET_ITEM(stack, last);
+        Py_INCREF(node);
+        PyList_SetSlice(stack, last, last + 1, NULL);
+        Py_ssize_t k = find(w, node);
+        if (k < 0 || !w->states[k].counted) {
+            Py_DECREF(node);
+            continue;
+        }
+        NodeState *st = &w->states[k];
+        if (--st->dependencies) {
+            Py_DECREF(node);
+            continue;
+        }
+        if (st->buffered) {
+            status = push_ready(w, k);
+            Py_DECREF(node);
+            continue;
+        }
+        PyObject *edges = gf_get(node, GF.c.edges);
+        PyObject *seq = edges ? PySequence_Fast(edges, "record edges must be a list") : NULL;
+        Py_DECREF(node);
+        if (seq == NULL) {
+            status = -1;
+            break;
+        }
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *parent, *index;
+            int is_record = edge_parent(PySequence_Fast_GET_ITEM(seq, i), &parent, &index);
+            if (is_record < 0 || (is_record && PyList_Append(stack, parent) < 0)) {
+                status = -1;
+                break;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    Py_DECREF(stack);
+    return status;
+}
+
+/* The gradients of a record's outputs as a list, zeros where none arrived. */
+static PyObject *
+output_grads(NodeState *st, PyObject *node)
+{
+    PyObject *slots = PyList_New(st->n_out);
+    if (slots == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < st->n_out; i++) {
+        PyObject **slot = st->n_out == 1 ? &st->slot0 : &st->slots[i];
+        PyObject *grad = *slot ? *slot : Py_None;
+        Py_INCREF(grad);
+        PyList_SET_ITEM(slots, i, grad);
+    }
+    clear_slots(st);
+    PyObject *grads = PyObject_CallFunctionObjArgs(
+        GF.collect_output_grads, node, slots, Py_False, NULL);
+    Py_DECREF(slots);
+    if (grads != NULL && !PyList_Check(grads)) {
+        Py_SETREF(grads, PySequence_List(grads));
+    }
+    return grads;
+}
+
+/* Run the Function's backward in Python; returns the gradient tuple. */
+static PyObject *
+python_backward(PyObject *node, PyObject *grads)
+{
+    PyObject *array_module = gf_get(node, GF.c.array_module);
+    PyObject *xp;
+    if (array_module == GF.numpy) {
+        xp = GF.numpy_namespace;
+        Py_INCREF(xp);
+    }
+    else {
+        xp = PyObject_CallOneArg(GF.array_namespace, array_module ? array_module : Py_None);
+        if (xp == NULL) {
+            return NULL;
+        }
+    }
+    gf_set_steal(node, GF.c.xp, xp);
+
+    PyObject *function = gf_get(node, GF.c.function);
+    PyObject *backward = function ? PyObject_GetAttr(function, gf_str_backward) : NULL;
+    if (backward == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_AttributeError, "record has no function");
+        }
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(grads);
+    PyObject *small[8];
+    PyObject **args = n + 1 <= 8 ? small : PyMem_Malloc((n + 1) * sizeof(PyObject *));
+    if (args == NULL) {
+        Py_DECREF(backward);
+        return PyErr_NoMemory();
+    }
+    args[0] = node;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        args[i + 1] = PyList_GET_ITEM(grads, i);
+    }
+    PyObject *out = PyObject_Vectorcall(backward, args, n + 1, NULL);
+    if (args != small) {
+        PyMem_Free(args);
+    }
+    Py_DECREF(backward);
+    if (out == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(out)) {
+        Py_SETREF(out, PyTuple_Pack(1, out));
+    }
+    return out;
+}
+
+static int
+release(PyObject *node)
+{
+    if (PyList_GET_SIZE(GF.release_hooks) != 0) {
+        PyObject *r = PyObject_CallMethodNoArgs(node, gf_str_release);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    gf_set(node, GF.c.saved, gf_empty_tuple);
+    gf_set(node, GF.c.saved_kinds, Py_None);
+    gf_set(node, GF.c.released, Py_True);
+    return 0;
+}
+
+/* Pass each input gradient along its edge. `grad_inputs` holds new
+   references (NULL for None), which this consumes. */
+static int
+deliver(Walk *w, PyObject *node, PyObject **grad_inputs, Py_ssize_t n_grads)
+{
+    PyObject *edges = gf_get(node, GF.c.edges);
+    PyObject *metas = gf_get(node, GF.c.input_meta);
+    PyObject *edge_seq = edges ? PySequence_Fast(edges, "record edges must be a list") : NULL;
+    PyObject *meta_seq = metas ? PySequence_Fast(metas, "input_meta must be a list") : NULL;
+    int status = 0;
+    if (edge_seq == NULL || meta_seq == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_AttributeError, "record has no edges or input_meta");
+        }
+        status = -1;
+        goto done;
+    }
+    Py_ssize_t n = n_grads;
+    n = Py_MIN(n, PySequence_Fast_GET_SIZE(edge_seq));
+    n = Py_MIN(n, PySequence_Fast_GET_SIZE(meta_seq));
+    for (Py_ssize_t i = 0; i < n && status == 0; i++) {
+        PyObject *edge = PySequence_Fast_GET_ITEM(edge_seq, i);
+        PyObject *grad = grad_inputs[i];
+        if (edge == Py_None) {
+            continue;
+        }
+        PyObject *parent, *index;
+        int is_record = edge_parent(edge, &parent, &index);
+        if (is_record < 0) {
+            status = -1;
+            break;
+        }
+        if (grad == NULL || grad == Py_None) {
+            if (is_record) {
+                status = skip_edge(w, parent);
+            }
+            continue;
+        }
+        PyObject *meta = PySequence_Fast_GET_ITEM(meta_seq, i);
+        int fits = matches_meta(grad, meta);
+        if (fits < 0) {
+            status = -1;
+            break;
+        }
+        Py_INCREF(grad);
+        if (!fits) {
+            Py_SETREF(grad, PyObject_CallFunctionObjArgs(
+                GF.fit_to_input, node, grad, meta, NULL));
+            if (grad == NULL) {
+                status = -1;
+                break;
+            }
+        }
+        if (is_record) {
+            if (add_to_buffer(w, parent, index, grad) < 0) {
+                status = -1;
+            }
+            else {
+                Py_ssize_t k = find(w, parent);
+                if (k < 0 || !w->states[k].counted) {
+                    PyErr_SetObject(PyExc_KeyError, parent);
+                    status = -1;
+                }
+                else if (--w->states[k].dependencies == 0) {
+                    status = push_ready(w, k);
+                }
+            }
+        }
+        else {
+            PyObject *pair = PyTuple_Pack(2, edge, grad);
+            if (pair == NULL || PyList_Append(w->leaf_grads, pair) < 0) {
+                status = -1;
+            }
+            Py_XDECREF(pair);
+        }
+        Py_DECREF(grad);
+    }
+done:
+    for (Py_ssize_t i = 0; i < n_grads; i++) {
+        Py_CLEAR(grad_inputs[i]);
+    }
+    Py_XDECREF(edge_seq);
+    Py_XDECREF(meta_seq);
+    return status;
+}
+
+static int
+has_hooks(PyObject *node)
+{
+    PyObject *hooks = gf_get(node, GF.c.hooks);
+    PyObject *retained = gf_get(node, GF.c.retained);
+    int any = !gf_is_none(hooks) ? PyObject_IsTrue(hooks) : 0;
+    if (any != 0) {
+        return any;
+    }
+    return !gf_is_none(retained) ? PyObject_IsTrue(retained) : 0;
+}
+
+/* Move the one output gradient `*grad` into a new list `*grads`, the form
+   the Python helpers take, unless the gradients are a list already. */
+static int
+as_list(PyObject **grads, PyObject **grad)
+{
+    if (*grads != NULL) {
+        return 0;
+    }
+    *grads = PyList_New(1);
+    if (*grads == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(*grads, 0, *grad);
+    *grad = NULL;
+    return 0;
+}
+
+static int
+run_node(Walk *w, Py_ssize_t k)
+{
+    NodeState *st = &w->states[k];
+    PyObject *node = st->node;
+    PyObject *grads = NULL;      /* list of output gradients, when needed */
+    PyObject *grad = NULL;       /* the one output gradient, otherwise */
+    PyObject *grad_inputs[2] = {NULL, NULL};
+    PyObject *result = NULL;
+    int status = -1;
+
+    st->buffered = 0;
+    if (st->n_out == 1 && st->slot0 != NULL) {
+        grad = st->slot0;
+        st->slot0 = NULL;
+    }
+    else {
+        grads = output_grads(st, node);
+        if (grads == NULL) {
+            return -1;
+        }
+    }
+
+    int hooked = has_hooks(node);
+    if (hooked < 0) {
+        goto done;
+    }
+    if (hooked) {
+        if (as_list(&grads, &grad) < 0) {
+            goto done;
+        }
+        PyObject *r = PyObject_CallFunctionObjArgs(
+            GF.run_output_hooks, node, grads, Py_None, Py_None, NULL);
+        if (r == NULL) {
+            goto done;
+        }
+        Py_DECREF(r);
+    }
+
+    int handled = 0;
+    PyObject *op = gf_get(node, GF.c.op);
+    PyObject *edges = gf_get(node, GF.c.edges);
+    Py_ssize_t n_edges = edges != NULL ? PyObject_Length(edges) : -1;
+    if (n_edges < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_AttributeError, "record has no edges");
+        }
+        goto done;
+    }
+    if (op != NULL && PyLong_CheckExact(op) && n_edges <= 2
+            && (grad != NULL || PyList_GET_SIZE(grads) == 1)) {
+        PyObject *g = grad != NULL ? grad : PyList_GET_ITEM(grads, 0);
+        handled = gf_op_backward(node, (int)PyLong_AsLong(op), g, grad_inputs, n_edges);
+        if (handled < 0) {
+            goto done;
+        }
+    }
+    if (!handled) {
+        if (as_list(&grads, &grad) < 0) {
+            goto done;
+        }
+        result = python_backward(node, grads);
+        if (result == NULL) {
+            goto done;
+        }
+        edges = gf_get(node, GF.c.edges);
+        n_edges = edges != NULL ? PyObject_Length(edges) : -1;
+        if (n_edges < 0) {
+            goto done;
+        }
+        if (PyTuple_GET_SIZE(result) != n_edges) {
+            PyObject *r = PyObject_CallFunctionObjArgs(
+                GF.raise_gradient_count, node, result, NULL);
+            Py_XDECREF(r);
+            if (r != NULL) {
+                PyErr_SetString(PyExc_RuntimeError, "backward returned a wrong gradient count");
+            }
+            goto done;
+        }
+    }
+    /* The output gradients are no longer needed: drop them before the
+       input gradients travel on, as the Python walk does. */
+    Py_CLEAR(grad);
+    Py_CLEAR(grads);
+
+    if (!w->retain_graph && release(node) < 0) {
+        goto done;
+    }
+    if (handled) {
+        status = deliver(w, node, grad_inputs, n_edges);
+    }
+    else {
+        Py_ssize_t n = PyTuple_GET_SIZE(result);
+        PyObject **items = PyMem_Malloc(Py_MAX(n, 1) * sizeof(PyObject *));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            items[i] = PyTuple_GET_ITEM(result, i);
+            Py_INCREF(items[i]);
+        }
+        Py_CLEAR(result);
+        status = deliver(w, node, items, n);
+        PyMem_Free(items);
+    }
+
+done:
+    Py_XDECREF(grad);
+    Py_XDECREF(grads);
+    Py_XDECREF(result);
+    Py_XDECREF(grad_inputs[0]);
+    Py_XDECREF(grad_inputs[1]);
+    return status;
+}
+
+static int
+walk(Walk *w, PyObject *roots, PyObject *root_grads)
+{
+    Py_ssize_t n = Py_MIN(PyList_GET_SIZE(roots), PyList_GET_SIZE(root_grads));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *root = PyList_GET_ITEM(roots, i);
+        PyObject *grad = PyList_GET_ITEM(root_grads, i);
+        PyObject *grad_fn = gf_get(root, GF.t.grad_fn);
+        if (gf_is_none(grad_fn)) {
+            PyObject *pair = PyTuple_Pack(2, root, grad);
+            int failed = pair == NULL || PyList_Append(w->leaf_grads, pair) < 0;
+            Py_XDECREF(pair);
+            if (failed) {
+                return -1;
+            }
+        }
+        else if (add_to_buffer(w, grad_fn, gf_get(root, GF.t.out_index), grad) < 0) {
+            return -1;
+        }
+    }
+    if (count_dependencies(w) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < w->count; k++) {
+        NodeState *st = &w->states[k];
+        if (st->buffered && (!st->counted || st->dependencies == 0)) {
+            if (push_ready(w, k) < 0) {
+                return -1;
+            }
+        }
+    }
+    while (w->n_ready > 0) {
+        if (run_node(w, w->ready[--w->n_ready]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyObject *
+gf_run_backward(PyObject *self, PyObject *args)
+{
+    PyObject *roots, *root_grads;
+    int retain_graph;
+    if (!PyArg_ParseTuple(args, "O!O!p:run_backward", &PyList_Type, &roots,
+                          &PyList_Type, &root_grads, &retain_graph)) {
+        return NULL;
+    }
+    if (!GF.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "gradflow._C is not bound yet");
+        return NULL;
+    }
+    Walk w = {0};
+    w.retain_graph = retain_graph;
+    w.capacity = 64;
+    w.states = PyMem_Malloc(w.capacity * sizeof(NodeState));
+    w.table_size = 256;
+    w.table = PyMem_Calloc(w.table_size, sizeof(Py_ssize_t));
+    w.ready_capacity = 64;
+    w.ready = PyMem_Malloc(w.ready_capacity * sizeof(Py_ssize_t));
+    w.leaf_grads = PyList_New(0);
+    if (w.states == NULL || w.table == NULL || w.ready == NULL) {
+        walk_free(&w);
+        return PyErr_NoMemory();
+    }
+    if (w.leaf_grads == NULL) {
+        walk_free(&w);
+        return NULL;
+    }
+
+    int was_enabled = gf_grad_enabled();
+    gf_set_grad_enabled(0);
+    int status = walk(&w, roots, root_grads);
+    gf_set_grad_enabled(was_enabled);
+
+    /* The walk's references go before the leaf gradients are stored, since
+       a gradient array that nothing else refers to is stored uncopied. */
+    PyObject *leaf_grads = w.leaf_grads;
+    w.leaf_grads = NULL;
+    walk_free(&w);
+    if (status < 0) {
+        Py_DECREF(leaf_grads);
+        return NULL;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(
+        GF.store_leaf_grads, leaf_grads, Py_False, NULL);
+    Py_DECREF(leaf_grads);
+    return r;
+}

@@ -1,0 +1,927 @@
+/* Fast elementwise ops: gf.add, gf.tanh, Tensor.__mul__ and their kin.
+ *
+ * A FastOp wraps the Python function of an op. When its arguments are CPU
+ * tensors of float32 or float64 (or such a tensor and a Python float or
+ * int), and no hook needs to see each op, it runs the forward and records the
+ * op here; anything else calls the Python function, which stays the
+ * reference. The record is the one Function.apply would leave: the same
+ * Function class, edges, metadata, saved values, saved kinds and version
+ * entries, so the Python engine, hooks and create_graph handle it as any
+ * other record. The C engine recognises it by its `_op` slot and runs the
+ * backward formula here when the arrays are small enough for the loops in
+ * kernels.c.
+ */
+#include "gradflow.h"
+
+#include <stddef.h>
+
+enum { KIND_UNARY, KIND_BINARY, KIND_REFLECTED };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int op;
+    int kind;
+    PyObject *fallback;
+    PyObject *name;
+} FastOp;
+
+static const char *op_names[OP_COUNT] = {
+    "add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "sin", "cos",
+    "tanh", "sigmoid", "relu",
+};
+
+static PyObject *op_codes[OP_COUNT];   /* the `_op` slot value of each op */
+
+/* -- argument checks ------------------------------------------------------- */
+
+/* The array of a tensor that can take the fast path, or NULL. */
+static PyArrayObject *
+fast_array(PyObject *tensor)
+{
+    if (!gf_is_tensor(tensor)) {
+        return NULL;
+    }
+    PyObject *data = gf_get(tensor, GF.t.data);
+    if (data == NULL || !PyArray_CheckExact(data)) {
+        return NULL;
+    }
+    PyArrayObject *array = (PyArrayObject *)data;
+    int type = PyArray_TYPE(array);
+    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !PyArray_ISNOTSWAPPED(array)) {
+        return NULL;
+    }
+    if (!gf_view_is_current(tensor)) {
+        return NULL;
+    }
+    return array;
+}
+
+/* A Python float or int (not bool) that NumPy combines with an array
+   without changing its dtype. */
+static int
+fast_scalar(PyObject *value)
+{
+    return PyFloat_CheckExact(value) || PyLong_CheckExact(value);
+}
+
+static int
+requires_grad(PyObject *tensor)
+{
+    return gf_get(tensor, GF.t.requires_grad) == Py_True;
+}
+
+static int
+broadcastable(PyArrayObject *a, PyArrayObject *b)
+{
+    int na = PyArray_NDIM(a), nb = PyArray_NDIM(b);
+    npy_intp *da = PyArray_DIMS(a), *db = PyArray_DIMS(b);
+    for (int i = 1; i <= na && i <= nb; i++) {
+        npy_intp x = da[na - i], y = db[nb - i];
+        if (x != y && x != 1 && y != 1) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Whether records may be made here at all: the Python path of
+   Function.apply runs hooks that these ops must not skip. */
+static int
+hooks_allow(int requires, int record)
+{
+    if (gf_forward_hooked()) {
+        return 0;
+    }
+    if (record) {
+        return PyList_GET_SIZE(GF.record_hooks) == 0
+            && PyList_GET_SIZE(GF.saved_tensors_hooks) == 0;
+    }
+    return !requires || PyList_GET_SIZE(GF.unrecorded_hooks) == 0;
+}
+
+/* -- forward ---------------------------------------------------------------- */
+
+static PyObject *
+number_op(int op, PyObject *a, PyObject *b)
+{
+    switch (op) {
+    case OP_ADD: return PyNumber_Add(a, b);
+    case OP_SUB: return PyNumber_Subtract(a, b);
+    case OP_MUL: return PyNumber_Multiply(a, b);
+    default: return PyNumber_TrueDivide(a, b);
+    }
+}
+
+/* The result of a C loop as the NumPy operator it replaces returns it: a
+   NumPy scalar when 0-d, because forward saves what it returns. */
+static PyObject *
+loop_result(PyArrayObject *out)
+{
+    if (PyArray_NDIM(out) == 0) {
+        return PyArray_Return(out);
+    }
+    return (PyObject *)out;
+}
+
+/* `a op b` for arrays or Python numbers, as the Function's forward computes
+   it with NumPy operators. */
+static PyObject *
+binary_value(int op, PyObject *a, PyObject *b)
+{
+    int a_array = PyArray_CheckExact(a), b_array = PyArray_CheckExact(b);
+    PyArrayObject *out = NULL;
+    if (a_array && b_array) {
+        PyArrayObject *x = (PyArrayObject *)a, *y = (PyArrayObject *)b;
+        if (gf_loop_fits(x) && gf_loop_fits(y) && gf_loop_same_layout(x, y)) {
+            out = gf_loop_binary(op, x, y);
+        }
+    }
+    else if (a_array && PyFloat_CheckExact(b)) {
+        if (gf_loop_fits((PyArrayObject *)a)) {
+            out = gf_loop_scalar(op, (PyArrayObject *)a, PyFloat_AS_DOUBLE(b), 0);
+        }
+    }
+    else if (b_array && PyFloat_CheckExact(a)) {
+        if (gf_loop_fits((PyArrayObject *)b)) {
+            out = gf_loop_scalar(op, (PyArrayObject *)b, PyFloat_AS_DOUBLE(a), 1);
+        }
+    }
+    if (out != NULL) {
+        return loop_result(out);
+    }
+    return number_op(op, a, b);
+}
+
+static PyObject *
+unary_value(int op, PyArrayObject *x)
+{
+    switch (op) {
+    case OP_NEG:
+        if (gf_loop_fits(x)) {
+            PyArrayObject *out = gf_loop_neg(x);
+            if (out != NULL) {
+                return loop_result(out);
+            }
+        }
+        return PyNumber_Negative((PyObject *)x);
+    case OP_SIGMOID:
+        return PyObject_CallFunctionObjArgs(GF.stable_sigmoid, GF.numpy, x, NULL);
+    case OP_RELU: {
+        PyObject *zero = PyLong_FromLong(0);
+        PyObject *args[2] = {(PyObject *)x, zero};
+        PyObject *out = PyObject_Vectorcall(GF.ufuncs[OP_RELU], args, 2, NULL);
+        Py_DECREF(zero);
+        return out;
+    }
+    default:
+        return PyObject_CallOneArg(GF.ufuncs[op], (PyObject *)x);
+    }
+}
+
+/* The array a Tensor stores for a forward result. A ufunc returns a NumPy
+   scalar for a 0-d result, and make_tensor stores it as a 0-d array. */
+static PyObject *
+stored_array(PyObject *value)
+{
+    if (PyArray_CheckExact(value)) {
+        Py_INCREF(value);
+        return value;
+    }
+    return PyArray_FromAny(value, NULL, 0, 0, 0, NULL);
+}
+
+/* -- records ---------------------------------------------------------------- */
+
+/* (index, counter, counter[0]): a version entry of a saved value. The
+   counter is a one-element list, or a view into a GradientBuffer's array. */
+static int
+append_version(PyObject *versions, Py_ssize_t index, PyObject *counter)
+{
+    PyObject *now = PySequence_GetItem(counter, 0);
+    if (now == NULL) {
+        return -1;
+    }
+    PyObject *entry = Py_BuildValue("(nOO)", index, counter, now);
+    Py_DECREF(now);
+    if (entry == NULL) {
+        return -1;
+    }
+    /* It refers to a version counter and ints, never to a container that
+       could lead back to it. */
+    PyObject_GC_UnTrack(entry);
+    int status = PyList_Append(versions, entry);
+    Py_DECREF(entry);
+    return status;
+}
+
+/* Resolve what forward saved, as _function._resolve_saved does: a saved
+   array that is a Tensor argument's array is kept as that Tensor (kind
+   "input", with its version), forward's return value `out` as kind 0,
+   anything else as it is (kind None). Version entries of outputs follow
+   those of inputs. */
+static int
+set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
+          Py_ssize_t nargs, PyObject *const *raw, Py_ssize_t nraw,
+          PyObject *out, PyObject *result)
+{
+    PyObject *saved = PyTuple_New(nraw);
+    PyObject *kinds = PyList_New(nraw);
+    PyObject *versions = PyList_New(0);
+    if (saved == NULL || kinds == NULL || versions == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < nraw; i++) {
+        PyObject *value = raw[i], *kind = Py_None;
+        PyObject *counter = NULL;
+        for (Py_ssize_t k = 0; k < nargs; k++) {
+            if (value == values[k] && gf_is_tensor(args[k])) {
+                value = args[k];
+                kind = gf_str_input;
+                counter = gf_get(args[k], GF.t.version);
+                break;
+            }
+        }
+        if (counter == NULL && value == out) {
+            kind = NULL;  /* output 0, noted after the inputs */
+        }
+        Py_INCREF(value);
+        PyTuple_SET_ITEM(saved, i, value);
+        if (kind == NULL) {
+            kind = PyLong_FromLong(0);
+        }
+        else {
+            Py_INCREF(kind);
+        }
+        PyList_SET_ITEM(kinds, i, kind);
+        if (counter != NULL && append_version(versions, i, counter) < 0) {
+            goto error;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nraw; i++) {
+        if (PyLong_CheckExact(PyList_GET_ITEM(kinds, i))
+                && append_version(versions, i, gf_get(result, GF.t.version)) < 0) {
+            goto error;
+        }
+    }
+    /* Kinds are strings, ints and None, and version entries refer to no
+       graph object, so neither list can be part of a cycle. Nor can the
+       saved tuple when it holds only arrays and numbers. */
+    PyObject_GC_UnTrack(kinds);
+    PyObject_GC_UnTrack(versions);
+    int atomic = 1;
+    for (Py_ssize_t i = 0; i < nraw; i++) {
+        atomic = atomic && !PyObject_IS_GC(PyTuple_GET_ITEM(saved, i));
+    }
+    if (atomic) {
+        PyObject_GC_UnTrack(saved);
+    }
+    gf_set_steal(ctx, GF.c.saved, saved);
+    gf_set_steal(ctx, GF.c.saved_kinds, kinds);
+    gf_set_steal(ctx, GF.c.saved_versions, versions);
+    return 0;
+
+error:
+    Py_XDECREF(saved);
+    Py_XDECREF(kinds);
+    Py_XDECREF(versions);
+    return -1;
+}
+
+/* Record `op` over `args` (Tensors or Python numbers) with output array
+   `out`, and return the output Tensor. `values` are the arrays or numbers
+   forward saw, `returned` is what it returned (`out`, or the NumPy scalar
+   that `out` holds), and `raw` is what its save_for_backward received. */
+static PyObject *
+record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
+       const int *needs, PyObject *out, PyObject *returned, PyObject *const *raw,
+       Py_ssize_t nraw)
+{
+    PyObject *ctx = GF.context_type->tp_alloc(GF.context_type, 0);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    PyObject *edges = PyList_New(nargs);
+    PyObject *metas = PyList_New(nargs);
+    PyObject *out_meta = PyList_New(1);
+    PyObject *result = NULL;
+    if (edges == NULL || metas == NULL || out_meta == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t k = 0; k < nargs; k++) {
+        PyObject *edge = Py_None, *meta = Py_None;
+        if (needs[k]) {
+            edge = gf_edge_of(args[k]);
+            if (edge == NULL) {
+                goto error;
+            }
+            meta = gf_meta_of_tensor(args[k], (PyArrayObject *)values[k]);
+            if (meta == NULL) {
+                Py_DECREF(edge);
+                goto error;
+            }
+        }
+        else {
+            Py_INCREF(edge);
+            Py_INCREF(meta);
+        }
+        PyList_SET_ITEM(edges, k, edge);
+        PyList_SET_ITEM(metas, k, meta);
+    }
+    /* An elementwise output usually has its input's shape and dtype. */
+    PyObject *meta = NULL;
+    for (Py_ssize_t k = 0; k < nargs && meta == NULL; k++) {
+        PyObject *input_meta = PyList_GET_ITEM(metas, k);
+        if (input_meta != Py_None && gf_meta_matches(input_meta, (PyArrayObject *)out)) {
+            meta = input_meta;
+            Py_INCREF(meta);
+        }
+    }
+    if (meta == NULL && (meta = gf_meta_of((PyArrayObject *)out)) == NULL) {
+        goto error;
+    }
+    PyList_SET_ITEM(out_meta, 0, meta);
+    /* Metadata lists hold only (shape, dtype) tuples and None. */
+    PyObject_GC_UnTrack(metas);
+    PyObject_GC_UnTrack(out_meta);
+
+    /* gf_needs[2] contains (True, True), (True, False), (False, True). */
+    int needs_index = 0;
+    if (nargs == 2 && !needs[1]) {
+        needs_index = 1;
+    }
+    else if (nargs == 2 && !needs[0]) {
+        needs_index = 2;
+    }
+    gf_set(ctx, GF.c.function, GF.functions[op]);
+    gf_set(ctx, GF.c.needs_input_grad, gf_needs[nargs][needs_index]);
+    gf_set_steal(ctx, GF.c.edges, edges);
+    gf_set_steal(ctx, GF.c.input_meta, metas);
+    gf_set_steal(ctx, GF.c.out_meta, out_meta);
+    edges = metas = out_meta = NULL;
+    gf_set(ctx, GF.c.array_module, GF.numpy);
+    gf_set(ctx, GF.c.saved, gf_empty_tuple);
+    gf_set(ctx, GF.c.saved_kinds, Py_None);
+    gf_set(ctx, GF.c.released, Py_False);
+    gf_set(ctx, GF.c.hooks, Py_None);
+    gf_set(ctx, GF.c.retained, Py_None);
+    gf_set(ctx, GF.c.op, op_codes[op]);
+
+    result = gf_new_tensor(out, ctx, 0);
+    if (result == NULL) {
+        goto error;
+    }
+    if (nraw > 0
+            && set_saved(ctx, args, values, nargs, raw, nraw, returned, result) < 0) {
+        goto error;
+    }
+    if (gf_untrack_record(ctx) < 0) {
+        goto error;
+    }
+    Py_DECREF(ctx);
+    return result;
+
+error:
+    Py_XDECREF(edges);
+    Py_XDECREF(metas);
+    Py_XDECREF(out_meta);
+    Py_XDECREF(result);
+    Py_DECREF(ctx);
+    return NULL;
+}
+
+/* What each op's forward passes to save_for_backward. */
+static Py_ssize_t
+saved_by(int op, PyObject *const *values, const int *needs, PyObject *out,
+         PyObject **raw)
+{
+    switch (op) {
+    case OP_MUL:
+        /* Each gradient needs only the other operand. */
+        raw[0] = needs[1] ? values[0] : Py_None;
+        raw[1] = needs[0] ? values[1] : Py_None;
+        return 2;
+    case OP_DIV:
+        raw[0] = values[1];
+        raw[1] = out;
+        return 2;
+    case OP_EXP: case OP_SQRT: case OP_TANH: case OP_SIGMOID: case OP_RELU:
+        raw[0] = out;
+        return 1;
+    case OP_LOG: case OP_SIN: case OP_COS:
+        raw[0] = values[0];
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Run `op` on its checked arguments, recording it when a gradient is needed.
+   `values` are the arrays of Tensor arguments and the numbers themselves. */
+static PyObject *
+run_op(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
+       const int *needs, int record_it)
+{
+    PyObject *value;
+    if (nargs == 1) {
+        value = unary_value(op, (PyArrayObject *)values[0]);
+    }
+    else {
+        value = binary_value(op, values[0], values[1]);
+    }
+    if (value == NULL) {
+        return NULL;
+    }
+    PyObject *out = stored_array(value);
+    if (out == NULL) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyObject *result;
+    if (!record_it) {
+        result = gf_new_tensor(out, NULL, 0);
+    }
+    else {
+        PyObject *raw[2];
+        Py_ssize_t nraw = saved_by(op, values, needs, value, raw);
+        result = record(op, args, values, nargs, needs, out, value, raw, nraw);
+    }
+    Py_DECREF(out);
+    Py_DECREF(value);
+    return result;
+}
+
+/* 1: handled (*result set, or NULL with an exception); 0: not handled. */
+static int
+try_unary(FastOp *self, PyObject *x, PyObject **result)
+{
+    PyArrayObject *array = fast_array(x);
+    if (array == NULL) {
+        return 0;
+    }
+    int needs[1] = {requires_grad(x)};
+    int record_it = needs[0] && gf_grad_enabled();
+    if (!hooks_allow(needs[0], record_it)) {
+        return 0;
+    }
+    PyObject *values[1] = {(PyObject *)array};
+    *result = run_op(self->op, &x, values, 1, needs, record_it);
+    return 1;
+}
+
+static int
+try_binary(FastOp *self, PyObject *a, PyObject *b, PyObject **result)
+{
+    PyObject *args[2] = {a, b};
+    PyObject *values[2];
+    int needs[2] = {0, 0};
+    PyArrayObject *arrays[2] = {NULL, NULL};
+    for (int k = 0; k < 2; k++) {
+        if (fast_scalar(args[k])) {
+            values[k] = args[k];
+            continue;
+        }
+        arrays[k] = fast_array(args[k]);
+        if (arrays[k] == NULL) {
+            return 0;
+        }
+        values[k] = (PyObject *)arrays[k];
+        needs[k] = requires_grad(args[k]);
+    }
+    if (arrays[0] == NULL && arrays[1] == NULL) {
+        return 0;
+    }
+    if (arrays[0] != NULL && arrays[1] != NULL) {
+        /* Mixed dtypes promote, and mismatched shapes raise, in Python. */
+        if (PyArray_TYPE(arrays[0]) != PyArray_TYPE(arrays[1])
+                || !broadcastable(arrays[0], arrays[1])) {
+            return 0;
+        }
+    }
+    int requires = needs[0] || needs[1];
+    int record_it = requires && gf_grad_enabled();
+    if (!hooks_allow(requires, record_it)) {
+        return 0;
+    }
+    *result = run_op(self->op, args, values, 2, needs, record_it);
+    return 1;
+}
+
+/* -- backward --------------------------------------------------------------- */
+
+/* The saved values of a record as backward reads them (arrays for inputs),
+   or -1 when they cannot be read here: freed, changed in place, or packed. */
+static int
+read_saved(PyObject *node, PyObject **values, Py_ssize_t count)
+{
+    if (gf_get(node, GF.c.released) != Py_False) {
+        return -1;
+    }
+    PyObject *saved = gf_get(node, GF.c.saved);
+    PyObject *kinds = gf_get(node, GF.c.saved_kinds);
+    PyObject *versions = gf_get(node, GF.c.saved_versions);
+    if (saved == NULL || !PyTuple_CheckExact(saved) || PyTuple_GET_SIZE(saved) != count
+            || kinds == NULL || !PyList_CheckExact(kinds)
+            || PyList_GET_SIZE(kinds) != count) {
+        return -1;
+    }
+    if (versions != NULL && PyList_CheckExact(versions)) {
+        /* Only list counters holding the very object recorded are known
+           current here; Python compares any other kind. */
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(versions); i++) {
+            PyObject *entry = PyList_GET_ITEM(versions, i);
+            if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) {
+                return -1;
+            }
+            PyObject *counter = PyTuple_GET_ITEM(entry, 1);
+            if (!PyList_CheckExact(counter) || PyList_GET_SIZE(counter) < 1
+                    || PyList_GET_ITEM(counter, 0) != PyTuple_GET_ITEM(entry, 2)) {
+                return -1;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyTuple_GET_ITEM(saved, i);
+        if (PyList_GET_ITEM(kinds, i) == gf_str_input) {
+            value = gf_get(value, GF.t.data);
+        }
+        values[i] = value;
+    }
+    return 0;
+}
+
+/* An array that a loop can read beside `grad`. */
+static PyArrayObject *
+loop_operand(PyObject *value, PyArrayObject *grad)
+{
+    if (value == NULL || !PyArray_CheckExact(value)) {
+        return NULL;
+    }
+    PyArrayObject *array = (PyArrayObject *)value;
+    if (!gf_loop_fits(array) || !gf_loop_same_layout(array, grad)) {
+        return NULL;
+    }
+    return array;
+}
+
+/* grad * value, or grad / value, for a saved array or Python float. */
+static PyArrayObject *
+grad_times(int op, PyArrayObject *grad, PyObject *value, int *ok)
+{
+    if (PyFloat_CheckExact(value)) {
+        return gf_loop_scalar(op, grad, PyFloat_AS_DOUBLE(value), 0);
+    }
+    PyArrayObject *array = loop_operand(value, grad);
+    if (array == NULL) {
+        *ok = 0;
+        return NULL;
+    }
+    return gf_loop_binary(op, grad, array);
+}
+
+static int
+needs_at(PyObject *node, Py_ssize_t i)
+{
+    PyObject *needs = gf_get(node, GF.c.needs_input_grad);
+    if (needs == NULL || !PyTuple_CheckExact(needs) || PyTuple_GET_SIZE(needs) <= i) {
+        return 1;
+    }
+    return PyTuple_GET_ITEM(needs, i) == Py_True;
+}
+
+/* Run the backward of a fast-op record on arrays. Returns 1 with
+   grad_inputs filled (new references, NULL for None), 0 when the Python
+   backward must run instead, -1 on error. */
+int
+gf_op_backward(PyObject *node, int op, PyObject *grad_object, PyObject **grad_inputs,
+               Py_ssize_t n_inputs)
+{
+    PyArrayObject *grad = (PyArrayObject *)grad_object;
+    PyObject *saved[2] = {NULL, NULL};
+    int ok = 1;
+
+    if (op == OP_ADD && n_inputs == 2) {
+        Py_INCREF(grad_object);
+        Py_INCREF(grad_object);
+        grad_inputs[0] = grad_inputs[1] = grad_object;
+        return 1;
+    }
+    if (!PyArray_CheckExact(grad_object) || !gf_loop_fits(grad)) {
+        return 0;
+    }
+    switch (op) {
+    case OP_SUB:
+        if (n_inputs != 2) {
+            return 0;
+        }
+        grad_inputs[1] = NULL;
+        if (needs_at(node, 1)) {
+            grad_inputs[1] = (PyObject *)gf_loop_neg(grad);
+            if (grad_inputs[1] == NULL) {
+                return 0;
+            }
+        }
+        Py_INCREF(grad_object);
+        grad_inputs[0] = grad_object;
+        return 1;
+
+    case OP_NEG:
+        if (n_inputs != 1) {
+            return 0;
+        }
+        grad_inputs[0] = (PyObject *)gf_loop_neg(grad);
+        return grad_inputs[0] != NULL;
+
+    case OP_MUL: {
+        if (n_inputs != 2 || read_saved(node, saved, 2) < 0) {
+            return 0;
+        }
+        PyArrayObject *ga = NULL, *gb = NULL;
+        if (needs_at(node, 0)) {
+            ga = grad_times(OP_MUL, grad, saved[1], &ok);
+            if (ga == NULL) {
+                return 0;
+            }
+        }
+        if (needs_at(node, 1)) {
+            gb = grad_times(OP_MUL, grad, saved[0], &ok);
+            if (gb == NULL) {
+                Py_XDECREF(ga);
+                return 0;
+            }
+        }
+        grad_inputs[0] = (PyObject *)ga;
+        grad_inputs[1] = (PyObject *)gb;
+        return 1;
+    }
+
+    case OP_DIV: {
+        /* grad_a = grad / b and grad_b = -grad_a * out; grad_a is computed
+           (and returned) even when only b needs it, as in Python. */
+        if (n_inputs != 2 || read_saved(node, saved, 2) < 0) {
+            return 0;
+        }
+        PyArrayObject *ga = grad_times(OP_DIV, grad, saved[0], &ok);
+        if (ga == NULL) {
+            return 0;
+        }
+        PyArrayObject *gb = NULL;
+        if (needs_at(node, 1)) {
+            PyArrayObject *out = loop_operand(saved[1], grad);
+            PyArrayObject *negated = out != NULL ? gf_loop_neg(ga) : NULL;
+            if (negated != NULL) {
+                gb = gf_loop_binary(OP_MUL, negated, out);
+                Py_DECREF(negated);
+            }
+            if (gb == NULL) {
+                Py_DECREF(ga);
+                return 0;
+            }
+        }
+        grad_inputs[0] = (PyObject *)ga;
+        grad_inputs[1] = (PyObject *)gb;
+        return 1;
+    }
+
+    case OP_EXP: case OP_LOG: case OP_SQRT: case OP_TANH: case OP_SIGMOID:
+    case OP_RELU: {
+        if (n_inputs != 1 || read_saved(node, saved, 1) < 0) {
+            return 0;
+        }
+        PyArrayObject *s = loop_operand(saved[0], grad);
+        if (s == NULL) {
+            return 0;
+        }
+        grad_inputs[0] = (PyObject *)gf_loop_activation_grad(op, s, grad);
+        return grad_inputs[0] != NULL;
+    }
+
+    default:
+        return 0;
+    }
+}
+
+/* -- the FastOp type -------------------------------------------------------- */
+
+static PyObject *
+fastop_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                  PyObject *kwnames)
+{
+    FastOp *self = (FastOp *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (GF.bound && GF.fast_ops && kwnames == NULL) {
+        PyObject *result = NULL;
+        int handled = 0;
+        if (self->kind == KIND_UNARY && nargs == 1) {
+            handled = try_unary(self, args[0], &result);
+        }
+        else if (self->kind == KIND_BINARY && nargs == 2) {
+            handled = try_binary(self, args[0], args[1], &result);
+        }
+        else if (self->kind == KIND_REFLECTED && nargs == 2) {
+            handled = try_binary(self, args[1], args[0], &result);
+        }
+        if (handled) {
+            return result;
+        }
+    }
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static PyObject *
+fastop_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"name", "fallback", "reflected", NULL};
+    const char *name;
+    PyObject *fallback;
+    int reflected = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sO|p:FastOp", keywords,
+                                     &name, &fallback, &reflected)) {
+        return NULL;
+    }
+    int op = -1;
+    for (int i = 0; i < OP_COUNT; i++) {
+        if (strcmp(name, op_names[i]) == 0) {
+            op = i;
+        }
+    }
+    if (op < 0) {
+        PyErr_Format(PyExc_ValueError, "FastOp: no fast path for op '%s'", name);
+        return NULL;
+    }
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "FastOp: fallback must be callable");
+        return NULL;
+    }
+    FastOp *self = (FastOp *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = fastop_vectorcall;
+    self->op = op;
+    if (op > OP_DIV) {
+        self->kind = KIND_UNARY;
+    }
+    else {
+        self->kind = reflected ? KIND_REFLECTED : KIND_BINARY;
+    }
+    Py_INCREF(fallback);
+    self->fallback = fallback;
+    self->name = PyUnicode_FromString(name);
+    if (self->name == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+fastop_traverse(FastOp *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+fastop_clear(FastOp *self)
+{
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+fastop_dealloc(FastOp *self)
+{
+    PyObject_GC_UnTrack(self);
+    fastop_clear(self);
+    Py_CLEAR(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Bound to a Tensor as a method, the op receives the tensor first. */
+static PyObject *
+fastop_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+/* Attributes that a FastOp does not define itself are read from the
+   wrapped function. */
+static PyObject *
+fastop_getattro(PyObject *self, PyObject *name)
+{
+    PyObject *value = PyObject_GenericGetAttr(self, name);
+    if (value != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return value;
+    }
+    PyErr_Clear();
+    return PyObject_GetAttr(((FastOp *)self)->fallback, name);
+}
+
+static PyObject *
+fastop_repr(FastOp *self)
+{
+    return PyObject_Repr(self->fallback);
+}
+
+static PyObject *
+fastop_get_doc(FastOp *self, void *closure)
+{
+    return PyObject_GetAttrString(self->fallback, "__doc__");
+}
+
+static PyObject *
+fastop_get_wrapped(FastOp *self, void *closure)
+{
+    Py_INCREF(self->fallback);
+    return self->fallback;
+}
+
+static PyObject *
+fastop_get_fallback_attribute(FastOp *self, void *name)
+{
+    return PyObject_GetAttrString(self->fallback, (const char *)name);
+}
+
+/* Copies and pickles refer to the op itself, as they do to a function. */
+static PyObject *
+fastop_copy(PyObject *self, PyObject *unused)
+{
+    Py_INCREF(self);
+    return self;
+}
+
+static PyObject *
+fastop_reduce(FastOp *self, PyObject *unused)
+{
+    return PyObject_GetAttrString(self->fallback, "__qualname__");
+}
+
+static PyMethodDef fastop_methods[] = {
+    {"__copy__", fastop_copy, METH_NOARGS, NULL},
+    {"__deepcopy__", fastop_copy, METH_O, NULL},
+    {"__reduce__", (PyCFunction)fastop_reduce, METH_NOARGS, NULL},
+    {NULL},
+};
+
+static PyGetSetDef fastop_getset[] = {
+    {"__doc__", (getter)fastop_get_doc, NULL, NULL, NULL},
+    {"__module__", (getter)fastop_get_fallback_attribute, NULL, NULL, "__module__"},
+    {"__name__", (getter)fastop_get_fallback_attribute, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)fastop_get_fallback_attribute, NULL, NULL, "__qualname__"},
+    {"__wrapped__", (getter)fastop_get_wrapped, NULL,
+     "The Python function that runs whenever the fast path does not apply.", NULL},
+    {NULL},
+};
+
+PyTypeObject GF_FastOpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gradflow._C.FastOp",
+    .tp_doc = "FastOp(name, fallback, reflected=False)\n--\n\n"
+              "An elementwise op with a C path for CPU float tensors; every other "
+              "call goes to `fallback`.",
+    .tp_basicsize = sizeof(FastOp),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC
+                | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = fastop_new,
+    .tp_dealloc = (destructor)fastop_dealloc,
+    .tp_traverse = (traverseproc)fastop_traverse,
+    .tp_clear = (inquiry)fastop_clear,
+    .tp_vectorcall_offset = offsetof(FastOp, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = fastop_descr_get,
+    .tp_getattro = fastop_getattro,
+    .tp_repr = (reprfunc)fastop_repr,
+    .tp_getset = fastop_getset,
+    .tp_methods = fastop_methods,
+};
+
+/* Take each op's Function class and NumPy ufunc from the dicts that
+   gradflow.bind() passes, keyed by op name. */
+int
+gf_ops_bind(PyObject *functions, PyObject *ufuncs)
+{
+    for (int i = 0; i < OP_COUNT; i++) {
+        PyObject *function = PyDict_GetItemString(functions, op_names[i]);
+        if (function == NULL) {
+            PyErr_Format(PyExc_KeyError, "bind: no Function for op '%s'", op_names[i]);
+            return -1;
+        }
+        Py_INCREF(function);
+        Py_XSETREF(GF.functions[i], function);
+        PyObject *ufunc = PyDict_GetItemString(ufuncs, op_names[i]);
+        Py_XINCREF(ufunc);
+        Py_XSETREF(GF.ufuncs[i], ufunc);
+        if (op_codes[i] == NULL) {
+            op_codes[i] = PyLong_FromLong(i);
+            if (op_codes[i] == NULL) {
+                return -1;
+            }
+        }
+    }
+    return 0;
+}

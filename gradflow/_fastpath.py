@@ -1,0 +1,108 @@
+"""The optional C extension, gradflow._C, and the switch that binds it.
+
+gradflow runs in pure Python when the extension is missing (it did not
+compile) or when ``GRADFLOW_PURE_PYTHON=1`` is set before import. With it,
+the elementwise ops on CPU float tensors (``+ - * /``, negation, exp, log,
+sqrt, sin, cos, tanh, sigmoid, relu) record themselves in C, the plain
+backward walk runs in C, and the grad-mode flag lives in C. The Python
+code stays the reference: every case the C path does not cover calls it,
+and both give bitwise equal results.
+"""
+
+import os
+
+__all__ = ["extension", "fast_op", "fast_path", "bind", "set_enabled", "track_records"]
+
+extension = None
+if os.environ.get("GRADFLOW_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _C as extension
+    except ImportError:  # not compiled: the pure-Python path serves
+        extension = None
+
+
+def fast_op(name, fallback, reflected=False):
+    """Return ``fallback`` with a C path for op ``name``, if the extension is there.
+
+    ``reflected`` builds the operator form ``__rsub__(self, other)``, which
+    computes ``other - self``.
+    """
+    if extension is None:
+        return fallback
+    return extension.FastOp(name, fallback, reflected)
+
+
+def fast_path(name):
+    """Decorate the Python function of op ``name`` with the C path (see fast_op)."""
+    return lambda fallback: fast_op(name, fallback)
+
+
+def bind():
+    """Hand the extension gradflow's classes, hook lists and helpers."""
+    if extension is None:
+        return
+    import gradflow_kernels
+    import numpy as np
+
+    from ._ops import _activation, _arith, _unary
+    from ._tensor import Tensor
+    from .autograd import _engine, _function, _namespace
+
+    functions = {
+        "add": _arith.Add, "sub": _arith.Sub, "mul": _arith.Mul,
+        "div": _arith.Div, "neg": _arith.Neg, "exp": _unary.Exp,
+        "log": _unary.Log, "sqrt": _unary.Sqrt, "sin": _unary.Sin,
+        "cos": _unary.Cos, "tanh": _unary.Tanh, "sigmoid": _unary.Sigmoid,
+        "relu": _activation.Relu,
+    }
+    ufuncs = {
+        "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "sin": np.sin,
+        "cos": np.cos, "tanh": np.tanh, "relu": np.maximum,
+    }
+    extension.bind(
+        tensor=Tensor,
+        context=_function.Context,
+        function_globals=vars(_function),
+        engine_globals=vars(_engine),
+        functions=functions,
+        ufuncs=ufuncs,
+        numpy=np,
+        numpy_namespace=_namespace.array_namespace(np),
+        array_namespace=_namespace.array_namespace,
+        stable_sigmoid=_unary.stable_sigmoid,
+        # The activation backward formulas switch to the fused kernels at
+        # this size, so the C loops stop there too.
+        small_size=gradflow_kernels.CPU_MIN_SIZE,
+    )
+    set_enabled(True)
+
+
+def track_records():
+    """Put the records of the C ops under Python's cyclic garbage collector.
+
+    They start outside it, because collecting passes over a large graph of
+    small ops cost more than the ops. A graph has no reference cycles until
+    something refers from an earlier object to a later one: a hook's
+    closure, a .grad that carries a graph, or a backward with
+    create_graph=True. Those call this first, and from then on, for the rest
+    of the process, every live and every new record is tracked, so that
+    such cycles are collected.
+    """
+    if extension is not None:
+        extension.track_records()
+
+
+def set_enabled(enabled):
+    """Switch the C ops and the C backward walk on or off; return the old setting.
+
+    With them off, every op and backward runs the Python reference path
+    (the grad-mode flag stays in C). Tests use this to compare both paths.
+    Without the extension this does nothing and returns False.
+    """
+    if extension is None:
+        return False
+    from .autograd import _engine
+
+    previous = extension.set_fast_ops(enabled)
+    _engine.fast_backward = extension.run_backward if enabled else None
+    return previous
