@@ -8,7 +8,8 @@ import numpy
 from setuptools import Extension, setup
 
 SOURCES = [
-    "module.c", "tensor.c", "ops.c", "records.c", "engine.c", "kernels.c",
+    "module.c", "tensor.c", "tape.c", "ops.c", "records.c", "engine.c",
+    "kernels.c",
 ]
 
 extension = Extension(

@@ -38,7 +38,7 @@ typedef struct {
 typedef struct {
     Py_ssize_t function, edges, input_meta, needs_input_grad, out_meta, saved,
         saved_kinds, saved_versions, released, hooks, retained, xp,
-        array_module, op;
+        array_module, op, non_diff;
 } gf_context_slots;
 
 /* What gradflow.bind() hands over; valid once `bound` is set. */
@@ -67,6 +67,12 @@ typedef struct {
     PyObject *collect_output_grads, *run_output_hooks, *fit_to_input,
         *store_leaf_grads, *raise_gradient_count;
 
+    /* What the C apply calls: Function.apply in Python (for the cases it
+       hands back), make_tensor, _device.array_module, _views.refresh and
+       the device check of gradflow._tensor. */
+    PyObject *python_apply, *make_tensor, *array_module_of, *refresh_view,
+        *check_devices;
+
     Py_ssize_t small_size;   /* arrays below this size run the C loops */
 
     /* Whether new records join Python's cyclic garbage collector; see
@@ -79,6 +85,7 @@ extern gf_state GF;
 /* Interned strings and shared constants, made at module init. */
 extern PyObject *gf_str_input;      /* "input", the saved kind of an input */
 extern PyObject *gf_str_backward;
+extern PyObject *gf_str_forward;
 extern PyObject *gf_str_release;
 extern PyObject *gf_str_anomaly_hook;
 extern PyObject *gf_empty_tuple;
@@ -157,6 +164,16 @@ PyArrayObject *gf_loop_neg(PyArrayObject *a);
 PyArrayObject *gf_loop_activation_grad(int op, PyArrayObject *saved, PyArrayObject *grad);
 int gf_loop_fits(PyArrayObject *a);
 int gf_loop_same_layout(PyArrayObject *a, PyArrayObject *b);
+
+/* tape.c */
+PyObject *gf_new_context(PyObject *function, PyObject *needs_input_grad);
+int gf_set_inputs(PyObject *ctx, PyObject *const *args, PyObject *const *values,
+                  const char *needs, Py_ssize_t n);
+int gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
+                 Py_ssize_t nargs, PyObject *const *raw, Py_ssize_t nraw,
+                 PyObject *const *outputs, PyObject *const *results, Py_ssize_t n_out);
+PyObject *gf_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                   PyObject *kwnames);
 
 /* records.c */
 int gf_untrack_record(PyObject *ctx);

@@ -8,6 +8,7 @@ gf_state GF;
 
 PyObject *gf_str_input;
 PyObject *gf_str_backward;
+PyObject *gf_str_forward;
 PyObject *gf_str_release;
 PyObject *gf_str_anomaly_hook;
 PyObject *gf_empty_tuple;
@@ -126,7 +127,8 @@ bind_slots(void)
             || slot_offset(c, "_retained", &cs->retained) < 0
             || slot_offset(c, "xp", &cs->xp) < 0
             || slot_offset(c, "array_module", &cs->array_module) < 0
-            || slot_offset(c, "_op", &cs->op) < 0) {
+            || slot_offset(c, "_op", &cs->op) < 0
+            || slot_offset(c, "_non_diff", &cs->non_diff) < 0) {
         return -1;
     }
     return 0;
@@ -164,17 +166,19 @@ py_bind(PyObject *self, PyObject *args, PyObject *kwargs)
     static char *keywords[] = {
         "tensor", "context", "function_globals", "engine_globals", "functions",
         "ufuncs", "numpy", "numpy_namespace", "array_namespace",
-        "stable_sigmoid", "small_size", NULL,
+        "stable_sigmoid", "small_size", "helpers", NULL,
     };
     PyObject *tensor, *context, *function_globals, *engine_globals, *functions,
-        *ufuncs, *numpy, *numpy_namespace, *array_namespace, *stable_sigmoid;
+        *ufuncs, *numpy, *numpy_namespace, *array_namespace, *stable_sigmoid,
+        *helpers;
     Py_ssize_t small_size;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "O!O!O!O!O!O!OOOOn:bind", keywords,
+            args, kwargs, "O!O!O!O!O!O!OOOOnO!:bind", keywords,
             &PyType_Type, &tensor, &PyType_Type, &context,
             &PyDict_Type, &function_globals, &PyDict_Type, &engine_globals,
             &PyDict_Type, &functions, &PyDict_Type, &ufuncs, &numpy,
-            &numpy_namespace, &array_namespace, &stable_sigmoid, &small_size)) {
+            &numpy_namespace, &array_namespace, &stable_sigmoid, &small_size,
+            &PyDict_Type, &helpers)) {
         return NULL;
     }
     GF.bound = 0;
@@ -207,6 +211,11 @@ py_bind(PyObject *self, PyObject *args, PyObject *kwargs)
             || take_callable(engine_globals, "_store_leaf_grads", &GF.store_leaf_grads) < 0
             || take_callable(engine_globals, "_raise_gradient_count",
                              &GF.raise_gradient_count) < 0
+            || take_callable(helpers, "python_apply", &GF.python_apply) < 0
+            || take_callable(helpers, "make_tensor", &GF.make_tensor) < 0
+            || take_callable(helpers, "array_module", &GF.array_module_of) < 0
+            || take_callable(helpers, "refresh_view", &GF.refresh_view) < 0
+            || take_callable(helpers, "check_devices", &GF.check_devices) < 0
             || gf_ops_bind(functions, ufuncs) < 0) {
         return NULL;
     }
@@ -225,6 +234,10 @@ static PyMethodDef module_methods[] = {
      "Turn recording on or off for the calling thread."},
     {"set_fast_ops", py_set_fast_ops, METH_O,
      "Turn the C path of the elementwise ops on or off; returns the previous setting."},
+    {"apply", (PyCFunction)(void (*)(void))gf_apply, METH_FASTCALL | METH_KEYWORDS,
+     "apply(cls, *args, **kwargs)\n--\n\n"
+     "Run ``cls.forward`` on the arrays of ``args`` and record it when needed "
+     "(Function.apply, with its bookkeeping in C)."},
     {"track_records", gf_track_records, METH_NOARGS,
      "Put every live and future fast-op record under the cyclic garbage "
      "collector, for the rest of the process."},
@@ -250,6 +263,7 @@ make_constants(void)
 {
     gf_str_input = PyUnicode_InternFromString("input");
     gf_str_backward = PyUnicode_InternFromString("backward");
+    gf_str_forward = PyUnicode_InternFromString("forward");
     gf_str_release = PyUnicode_InternFromString("release");
     gf_str_anomaly_hook = PyUnicode_InternFromString("anomaly_hook");
     gf_empty_tuple = PyTuple_New(0);
@@ -259,7 +273,7 @@ make_constants(void)
     gf_needs[2][0] = PyTuple_Pack(2, Py_True, Py_True);
     gf_needs[2][1] = PyTuple_Pack(2, Py_True, Py_False);
     gf_needs[2][2] = PyTuple_Pack(2, Py_False, Py_True);
-    return (gf_str_input && gf_str_backward && gf_str_release && gf_str_anomaly_hook
+    return (gf_str_input && gf_str_backward && gf_str_forward && gf_str_release && gf_str_anomaly_hook
             && gf_empty_tuple && gf_needs[1][0] && gf_needs[2][0] && gf_needs[2][1]
             && gf_needs[2][2]) ? 0 : -1;
 }

@@ -193,141 +193,33 @@ stored_array(PyObject *value)
 
 /* -- records ---------------------------------------------------------------- */
 
-/* (index, counter, counter[0]): a version entry of a saved value. The
-   counter is a one-element list, or a view into a GradientBuffer's array. */
-static int
-append_version(PyObject *versions, Py_ssize_t index, PyObject *counter)
-{
-    PyObject *now = PySequence_GetItem(counter, 0);
-    if (now == NULL) {
-        return -1;
-    }
-    PyObject *entry = Py_BuildValue("(nOO)", index, counter, now);
-    Py_DECREF(now);
-    if (entry == NULL) {
-        return -1;
-    }
-    /* It refers to a version counter and ints, never to a container that
-       could lead back to it. */
-    PyObject_GC_UnTrack(entry);
-    int status = PyList_Append(versions, entry);
-    Py_DECREF(entry);
-    return status;
-}
-
-/* Resolve what forward saved, as _function._resolve_saved does: a saved
-   array that is a Tensor argument's array is kept as that Tensor (kind
-   "input", with its version), forward's return value `out` as kind 0,
-   anything else as it is (kind None). Version entries of outputs follow
-   those of inputs. */
-static int
-set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
-          Py_ssize_t nargs, PyObject *const *raw, Py_ssize_t nraw,
-          PyObject *out, PyObject *result)
-{
-    PyObject *saved = PyTuple_New(nraw);
-    PyObject *kinds = PyList_New(nraw);
-    PyObject *versions = PyList_New(0);
-    if (saved == NULL || kinds == NULL || versions == NULL) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < nraw; i++) {
-        PyObject *value = raw[i], *kind = Py_None;
-        PyObject *counter = NULL;
-        for (Py_ssize_t k = 0; k < nargs; k++) {
-            if (value == values[k] && gf_is_tensor(args[k])) {
-                value = args[k];
-                kind = gf_str_input;
-                counter = gf_get(args[k], GF.t.version);
-                break;
-            }
-        }
-        if (counter == NULL && value == out) {
-            kind = NULL;  /* output 0, noted after the inputs */
-        }
-        Py_INCREF(value);
-        PyTuple_SET_ITEM(saved, i, value);
-        if (kind == NULL) {
-            kind = PyLong_FromLong(0);
-        }
-        else {
-            Py_INCREF(kind);
-        }
-        PyList_SET_ITEM(kinds, i, kind);
-        if (counter != NULL && append_version(versions, i, counter) < 0) {
-            goto error;
-        }
-    }
-    for (Py_ssize_t i = 0; i < nraw; i++) {
-        if (PyLong_CheckExact(PyList_GET_ITEM(kinds, i))
-                && append_version(versions, i, gf_get(result, GF.t.version)) < 0) {
-            goto error;
-        }
-    }
-    /* Kinds are strings, ints and None, and version entries refer to no
-       graph object, so neither list can be part of a cycle. Nor can the
-       saved tuple when it holds only arrays and numbers. */
-    PyObject_GC_UnTrack(kinds);
-    PyObject_GC_UnTrack(versions);
-    int atomic = 1;
-    for (Py_ssize_t i = 0; i < nraw; i++) {
-        atomic = atomic && !PyObject_IS_GC(PyTuple_GET_ITEM(saved, i));
-    }
-    if (atomic) {
-        PyObject_GC_UnTrack(saved);
-    }
-    gf_set_steal(ctx, GF.c.saved, saved);
-    gf_set_steal(ctx, GF.c.saved_kinds, kinds);
-    gf_set_steal(ctx, GF.c.saved_versions, versions);
-    return 0;
-
-error:
-    Py_XDECREF(saved);
-    Py_XDECREF(kinds);
-    Py_XDECREF(versions);
-    return -1;
-}
-
 /* Record `op` over `args` (Tensors or Python numbers) with output array
    `out`, and return the output Tensor. `values` are the arrays or numbers
    forward saw, `returned` is what it returned (`out`, or the NumPy scalar
    that `out` holds), and `raw` is what its save_for_backward received. */
 static PyObject *
 record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
-       const int *needs, PyObject *out, PyObject *returned, PyObject *const *raw,
+       const char *needs, PyObject *out, PyObject *returned, PyObject *const *raw,
        Py_ssize_t nraw)
 {
-    PyObject *ctx = GF.context_type->tp_alloc(GF.context_type, 0);
+    /* gf_needs[2] contains (True, True), (True, False), (False, True). */
+    int needs_index = 0;
+    if (nargs == 2 && !needs[1]) {
+        needs_index = 1;
+    }
+    else if (nargs == 2 && !needs[0]) {
+        needs_index = 2;
+    }
+    PyObject *ctx = gf_new_context(GF.functions[op], gf_needs[nargs][needs_index]);
     if (ctx == NULL) {
         return NULL;
     }
-    PyObject *edges = PyList_New(nargs);
-    PyObject *metas = PyList_New(nargs);
     PyObject *out_meta = PyList_New(1);
     PyObject *result = NULL;
-    if (edges == NULL || metas == NULL || out_meta == NULL) {
+    if (out_meta == NULL || gf_set_inputs(ctx, args, values, needs, nargs) < 0) {
         goto error;
     }
-    for (Py_ssize_t k = 0; k < nargs; k++) {
-        PyObject *edge = Py_None, *meta = Py_None;
-        if (needs[k]) {
-            edge = gf_edge_of(args[k]);
-            if (edge == NULL) {
-                goto error;
-            }
-            meta = gf_meta_of_tensor(args[k], (PyArrayObject *)values[k]);
-            if (meta == NULL) {
-                Py_DECREF(edge);
-                goto error;
-            }
-        }
-        else {
-            Py_INCREF(edge);
-            Py_INCREF(meta);
-        }
-        PyList_SET_ITEM(edges, k, edge);
-        PyList_SET_ITEM(metas, k, meta);
-    }
+    PyObject *metas = gf_get(ctx, GF.c.input_meta);
     /* An elementwise output usually has its input's shape and dtype. */
     PyObject *meta = NULL;
     for (Py_ssize_t k = 0; k < nargs && meta == NULL; k++) {
@@ -341,38 +233,20 @@ record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
         goto error;
     }
     PyList_SET_ITEM(out_meta, 0, meta);
-    /* Metadata lists hold only (shape, dtype) tuples and None. */
-    PyObject_GC_UnTrack(metas);
+    /* The metadata list holds only (shape, dtype) tuples. */
     PyObject_GC_UnTrack(out_meta);
 
-    /* gf_needs[2] contains (True, True), (True, False), (False, True). */
-    int needs_index = 0;
-    if (nargs == 2 && !needs[1]) {
-        needs_index = 1;
-    }
-    else if (nargs == 2 && !needs[0]) {
-        needs_index = 2;
-    }
-    gf_set(ctx, GF.c.function, GF.functions[op]);
-    gf_set(ctx, GF.c.needs_input_grad, gf_needs[nargs][needs_index]);
-    gf_set_steal(ctx, GF.c.edges, edges);
-    gf_set_steal(ctx, GF.c.input_meta, metas);
     gf_set_steal(ctx, GF.c.out_meta, out_meta);
-    edges = metas = out_meta = NULL;
+    out_meta = NULL;
     gf_set(ctx, GF.c.array_module, GF.numpy);
-    gf_set(ctx, GF.c.saved, gf_empty_tuple);
-    gf_set(ctx, GF.c.saved_kinds, Py_None);
-    gf_set(ctx, GF.c.released, Py_False);
-    gf_set(ctx, GF.c.hooks, Py_None);
-    gf_set(ctx, GF.c.retained, Py_None);
     gf_set(ctx, GF.c.op, op_codes[op]);
 
     result = gf_new_tensor(out, ctx, 0);
     if (result == NULL) {
         goto error;
     }
-    if (nraw > 0
-            && set_saved(ctx, args, values, nargs, raw, nraw, returned, result) < 0) {
+    if (nraw > 0 && gf_set_saved(ctx, args, values, nargs, raw, nraw, &returned,
+                                 &result, 1) < 0) {
         goto error;
     }
     if (gf_untrack_record(ctx) < 0) {
@@ -382,8 +256,6 @@ record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
     return result;
 
 error:
-    Py_XDECREF(edges);
-    Py_XDECREF(metas);
     Py_XDECREF(out_meta);
     Py_XDECREF(result);
     Py_DECREF(ctx);
@@ -392,7 +264,7 @@ error:
 
 /* What each op's forward passes to save_for_backward. */
 static Py_ssize_t
-saved_by(int op, PyObject *const *values, const int *needs, PyObject *out,
+saved_by(int op, PyObject *const *values, const char *needs, PyObject *out,
          PyObject **raw)
 {
     switch (op) {
@@ -420,7 +292,7 @@ saved_by(int op, PyObject *const *values, const int *needs, PyObject *out,
    `values` are the arrays of Tensor arguments and the numbers themselves. */
 static PyObject *
 run_op(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
-       const int *needs, int record_it)
+       const char *needs, int record_it)
 {
     PyObject *value;
     if (nargs == 1) {
@@ -459,7 +331,7 @@ try_unary(FastOp *self, PyObject *x, PyObject **result)
     if (array == NULL) {
         return 0;
     }
-    int needs[1] = {requires_grad(x)};
+    char needs[1] = {requires_grad(x)};
     int record_it = needs[0] && gf_grad_enabled();
     if (!hooks_allow(needs[0], record_it)) {
         return 0;
@@ -474,7 +346,7 @@ try_binary(FastOp *self, PyObject *a, PyObject *b, PyObject **result)
 {
     PyObject *args[2] = {a, b};
     PyObject *values[2];
-    int needs[2] = {0, 0};
+    char needs[2] = {0, 0};
     PyArrayObject *arrays[2] = {NULL, NULL};
     for (int k = 0; k < 2; k++) {
         if (fast_scalar(args[k])) {

@@ -44,8 +44,8 @@ def bind():
     import gradflow_kernels
     import numpy as np
 
+    from . import _device, _tensor, _views
     from ._ops import _activation, _arith, _unary
-    from ._tensor import Tensor
     from .autograd import _engine, _function, _namespace
 
     functions = {
@@ -60,7 +60,7 @@ def bind():
         "cos": np.cos, "tanh": np.tanh, "relu": np.maximum,
     }
     extension.bind(
-        tensor=Tensor,
+        tensor=_tensor.Tensor,
         context=_function.Context,
         function_globals=vars(_function),
         engine_globals=vars(_engine),
@@ -73,7 +73,17 @@ def bind():
         # The activation backward formulas switch to the fused kernels at
         # this size, so the C loops stop there too.
         small_size=gradflow_kernels.CPU_MIN_SIZE,
+        helpers={
+            "python_apply": _function.python_apply,
+            "make_tensor": _tensor.make_tensor,
+            "array_module": _device.array_module,
+            "refresh_view": _views.refresh,
+            "check_devices": _tensor._check_devices,
+        },
     )
+    # Function.apply's bookkeeping in C; it calls the Python apply for the
+    # cases it does not cover (hooks, anomaly detection, set_enabled(False)).
+    _function.Function.apply = classmethod(extension.apply)
     set_enabled(True)
 
 

@@ -180,18 +180,76 @@ def test_scalar_operand_matches_python(name, dtype, shape):
 
 
 GRAPHS = {
-    "chain": lambda a: gf.tanh(gf.tanh(a) * 0.9 + 0.1) * 0.9,
-    "same_tensor_twice": lambda a: a * a,
-    "fan_out": lambda a: (a * 0.5) + (a * 0.5) * (a * 0.5),
-    "with_python_ops": lambda a: gf.tanh(a.reshape(2, 3) * 2.0).sum(axis=0) * 0.5,
-    "square": gf.square,
+    # name: (function, whether its last op has a C path)
+    "chain": (lambda a: gf.tanh(gf.tanh(a) * 0.9 + 0.1) * 0.9, True),
+    "same_tensor_twice": (lambda a: a * a, True),
+    "fan_out": (lambda a: (a * 0.5) + (a * 0.5) * (a * 0.5), True),
+    "with_python_ops": (lambda a: gf.tanh(a.reshape(2, 3) * 2.0).sum(axis=0) * 0.5,
+                        True),
+    "matmul_and_index": (lambda a: (a.reshape(2, 3) @ a.reshape(3, 2))[0] ** 2, False),
+    "maximum": (lambda a: gf.maximum(a, a * 0.5), False),
+    "square": (gf.square, True),
 }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize("name", sorted(GRAPHS))
 def test_graphs_match_python(name, dtype):
-    assert_paths_agree(GRAPHS[name], [_values((6,), dtype)])
+    fn, fast = GRAPHS[name]
+    assert_paths_agree(fn, [_values((6,), dtype)], expect_fast=fast)
+
+
+class _SortWithOrder(gf.autograd.Function):
+    """Two outputs, the second not differentiable, and a keyword argument."""
+
+    @staticmethod
+    def forward(ctx, x, scale, *, descending=False):
+        order = np.argsort(-x if descending else x)
+        out = x[order] * scale
+        ctx.save_for_backward(order, out, x)
+        ctx.mark_non_differentiable(order)
+        ctx.scale = scale
+        return out, order
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_order):
+        order, out, x = ctx.saved_tensors
+        grad = np.zeros_like(grad_out)
+        grad[order] = grad_out * ctx.scale
+        return grad, None
+
+
+def test_custom_function_matches_python():
+    def fn(a):
+        out, order = _SortWithOrder.apply(a, 3.0, descending=True)
+        assert order.grad_fn is None
+        assert not order.requires_grad
+        return out * 1.0
+
+    assert_paths_agree(fn, [_values((7,), np.float64)])
+    for path in ("c", "python"):
+        previous = _fastpath.set_enabled(path == "c")
+        try:
+            out, _ = _SortWithOrder.apply(gf.tensor(_values((7,), np.float64),
+                                                    requires_grad=True), 3.0)
+        finally:
+            _fastpath.set_enabled(previous)
+        record = _describe(out.grad_fn)
+        # order is output 1, out output 0, x the input; version entries of
+        # inputs come first.
+        assert record["kinds"] == [1, 0, "input"]
+        assert record["versions"] == [(2, 0), (0, 0), (1, 0)]
+
+
+class _ReturnsList(gf.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return [1.0, 2.0]
+
+
+def test_bad_forward_return_raises(both_paths):
+    with pytest.raises(TypeError, match="forward of '_ReturnsList' returned a list"):
+        _ReturnsList.apply(_leaf())
 
 
 def test_parameter_operand_takes_fast_path():

@@ -69,7 +69,8 @@ class Context:
     __slots__ = (
         "function", "edges", "input_meta", "needs_input_grad", "out_meta",
         "saved", "_saved_kinds", "_saved_versions", "_released", "_hooks",
-        "_retained", "xp", "array_module", "_op", "__dict__", "__weakref__",
+        "_retained", "xp", "array_module", "_op", "_non_diff", "__dict__",
+        "__weakref__",
     )
 
     def __init__(self):
@@ -81,6 +82,7 @@ class Context:
         # The C extension's op code for records it made, whose backward it
         # can run itself; None for records made in Python.
         self._op = None
+        self._non_diff = None
 
     @property
     def name(self):
@@ -93,7 +95,7 @@ class Context:
 
     def mark_non_differentiable(self, *arrays):
         """Declare outputs (by array identity) that carry no gradient."""
-        self.__dict__["_non_diff"] = arrays
+        self._non_diff = arrays
 
     @property
     def saved_tensors(self):
@@ -262,8 +264,10 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         """Run ``forward`` on the arrays of ``args`` and record it when needed."""
-        # One pass over the arguments collects what both the unrecorded and
-        # the recorded path need; this loop is the per-op overhead of gradflow.
+        # The C extension, when present, replaces this method with the same
+        # steps in C, which call this one for every case they do not cover.
+        # One pass over the arguments collects what both the unrecorded and the
+        # recorded path need; this loop is the per-op overhead of gradflow.
         arrays = []
         needs = []
         requires_grad = False
@@ -322,7 +326,8 @@ class Function:
             results = tuple(make_tensor(o, ctx, i) for i, o in enumerate(outputs))
         else:
             results = (make_tensor(out, ctx, 0),)
-        non_diff = ctx.__dict__.pop("_non_diff", None)
+        non_diff = ctx._non_diff
+        ctx._non_diff = None
         if non_diff:
             for t in results:
                 if any(t.data is a for a in non_diff):
@@ -333,6 +338,11 @@ class Function:
         for hook in record_hooks:
             hook(ctx)
         return results if type(out) is tuple else results[0]
+
+
+# The Python Function.apply, which the C extension's apply calls for the
+# cases it does not cover after replacing Function.apply.
+python_apply = Function.__dict__["apply"].__func__
 
 
 class _UnpackedLeaf(Function):
