@@ -78,6 +78,7 @@ typedef struct {
     /* Whether new records join Python's cyclic garbage collector; see
        records.c. Off until something can make a cycle through a record. */
     int track_records;
+    PyObject *inert_types;   /* bookkeeping classes records may keep */
 } gf_state;
 
 extern gf_state GF;
@@ -179,6 +180,10 @@ PyObject *gf_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
 int gf_untrack_record(PyObject *ctx);
 PyObject *gf_track_records(PyObject *self, PyObject *unused);
 PyObject *gf_records_tracked(PyObject *self, PyObject *unused);
+/* Track records from now on if `ctx` keeps an object that could refer to a
+   later tensor (see records.c). */
+int gf_note_record(PyObject *ctx);
+PyObject *gf_py_note_record(PyObject *self, PyObject *ctx);
 
 /* engine.c */
 PyObject *gf_run_backward(PyObject *self, PyObject *args);

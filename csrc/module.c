@@ -166,21 +166,29 @@ py_bind(PyObject *self, PyObject *args, PyObject *kwargs)
     static char *keywords[] = {
         "tensor", "context", "function_globals", "engine_globals", "functions",
         "ufuncs", "numpy", "numpy_namespace", "array_namespace",
-        "stable_sigmoid", "small_size", "helpers", NULL,
+        "stable_sigmoid", "small_size", "helpers", "inert_types", NULL,
     };
     PyObject *tensor, *context, *function_globals, *engine_globals, *functions,
         *ufuncs, *numpy, *numpy_namespace, *array_namespace, *stable_sigmoid,
-        *helpers;
+        *helpers, *inert_types;
     Py_ssize_t small_size;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "O!O!O!O!O!O!OOOOnO!:bind", keywords,
+            args, kwargs, "O!O!O!O!O!O!OOOOnO!O!:bind", keywords,
             &PyType_Type, &tensor, &PyType_Type, &context,
             &PyDict_Type, &function_globals, &PyDict_Type, &engine_globals,
             &PyDict_Type, &functions, &PyDict_Type, &ufuncs, &numpy,
             &numpy_namespace, &array_namespace, &stable_sigmoid, &small_size,
-            &PyDict_Type, &helpers)) {
+            &PyDict_Type, &helpers, &PyTuple_Type, &inert_types)) {
         return NULL;
     }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(inert_types); i++) {
+        if (!PyType_Check(PyTuple_GET_ITEM(inert_types, i))) {
+            PyErr_SetString(PyExc_TypeError, "bind: inert_types must hold classes");
+            return NULL;
+        }
+    }
+    Py_INCREF(inert_types);
+    Py_XSETREF(GF.inert_types, inert_types);
     GF.bound = 0;
     Py_INCREF(tensor);
     Py_XSETREF(GF.tensor_type, (PyTypeObject *)tensor);
@@ -241,6 +249,9 @@ static PyMethodDef module_methods[] = {
     {"track_records", gf_track_records, METH_NOARGS,
      "Put every live and future fast-op record under the cyclic garbage "
      "collector, for the rest of the process."},
+    {"note_record", gf_py_note_record, METH_O,
+     "Track every record from now on if this new record keeps an object "
+     "that could refer to a later tensor."},
     {"records_tracked", gf_records_tracked, METH_NOARGS,
      "Return True once records are tracked by the cyclic garbage collector."},
     {"run_backward", gf_run_backward, METH_VARARGS,

@@ -10,16 +10,18 @@
  *
  * The graph itself has no cycles, because records refer only to what was
  * computed before them. A cycle needs a reference from an earlier object
- * to a later one, and gradflow creates those in three places only: a hook
- * (whose closure may hold any object), a .grad that carries a graph, and a
- * backward with create_graph=True (which stores such gradients). Each of
- * these calls gradflow._fastpath.track_records() first, which tracks every
- * live untracked record and makes every later record tracked, for the rest
- * of the process. Live records are found through weak references kept in
- * `registry`, itself untracked, and pruned of dead entries as it grows.
+ * to a later one. gradflow makes those possible in four places: a hook
+ * (whose closure may hold any object), a .grad that carries a graph, a
+ * backward with create_graph=True (which stores such gradients), and a
+ * record whose forward kept an object that can reach other tensors (a
+ * custom Function's ctx attribute, a checkpoint's function). Each of these
+ * calls gf_track_records first, which tracks every live untracked record
+ * and makes every later record tracked, for the rest of the process. Live
+ * records are found through weak references kept in `registry`, itself
+ * untracked, and pruned of dead entries as it grows.
  *
- * NOTE: an attribute that user code sets on a record (t.grad_fn.x = y)
- * makes no such call; a cycle through it leaks.
+ * NOTE: an attribute that user code sets on a record after it was made
+ * (t.grad_fn.x = y) is not checked; a cycle through it leaks.
  */
 #include "gradflow.h"
 
@@ -134,6 +136,107 @@ gf_track_records(PyObject *self, PyObject *unused)
             }
         }
         Py_CLEAR(registry);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Whether `value` may refer to a tensor or record, now or later, so that it
+   could close a cycle. Values that refer to no container (numbers, strings,
+   arrays, dtypes) cannot, and neither can classes. Tuples, frozensets,
+   slices and instances of the bookkeeping classes that gradflow.bind()
+   names (devices, window geometry) cannot when nothing they refer to can;
+   their referents are inspected through the collector's own tp_traverse, up
+   to `budget` objects. Any other object can: a list or dict may be filled
+   later, and a function or module may reach anything. */
+typedef struct {
+    int depth;
+    int budget;
+} Search;
+
+static int may_refer_to_graph(PyObject *value, Search *search);
+
+static int
+visit_referent(PyObject *value, void *arg)
+{
+    return may_refer_to_graph(value, (Search *)arg);
+}
+
+static int
+may_refer_to_graph(PyObject *value, Search *search)
+{
+    if (value == NULL || !PyObject_IS_GC(value) || PyType_Check(value)) {
+        return 0;
+    }
+    int immutable = PyTuple_Check(value) || PyFrozenSet_Check(value)
+        || PySlice_Check(value);
+    for (Py_ssize_t i = 0; !immutable && i < PyTuple_GET_SIZE(GF.inert_types); i++) {
+        immutable = Py_IS_TYPE(value, (PyTypeObject *)PyTuple_GET_ITEM(GF.inert_types, i));
+    }
+    if (!immutable || search->depth >= 4 || --search->budget < 0) {
+        return 1;
+    }
+    traverseproc traverse = Py_TYPE(value)->tp_traverse;
+    if (traverse == NULL) {
+        return 1;
+    }
+    search->depth++;
+    int found = traverse(value, visit_referent, search);
+    search->depth--;
+    return found != 0;
+}
+
+int
+gf_note_record(PyObject *ctx)
+{
+    if (GF.track_records) {
+        return 0;
+    }
+    Search search = {0, 64};
+    int found = 0;
+    PyObject **dict = _PyObject_GetDictPtr(ctx);
+    if (dict != NULL && *dict != NULL) {
+        PyObject *key, *value;
+        Py_ssize_t position = 0;
+        while (!found && PyDict_Next(*dict, &position, &key, &value)) {
+            search.depth = 0;
+            found = may_refer_to_graph(value, &search);
+        }
+    }
+    PyObject *saved = gf_get(ctx, GF.c.saved);
+    PyObject *kinds = gf_get(ctx, GF.c.saved_kinds);
+    if (!found && saved != NULL && PyTuple_CheckExact(saved)) {
+        /* Inputs are earlier tensors, and outputs this record's own arrays. */
+        for (Py_ssize_t i = 0; !found && i < PyTuple_GET_SIZE(saved); i++) {
+            PyObject *kind = kinds != NULL && PyList_CheckExact(kinds)
+                && i < PyList_GET_SIZE(kinds) ? PyList_GET_ITEM(kinds, i) : Py_None;
+            if (kind == gf_str_input) {
+                continue;
+            }
+            search.depth = 0;
+            found = may_refer_to_graph(PyTuple_GET_ITEM(saved, i), &search);
+        }
+    }
+    if (found) {
+        PyObject *r = gf_track_records(NULL, NULL);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    return 0;
+}
+
+PyObject *
+gf_py_note_record(PyObject *self, PyObject *ctx)
+{
+    if (!GF.bound) {
+        Py_RETURN_NONE;  /* no fast-op record exists yet */
+    }
+    if (!PyObject_TypeCheck(ctx, GF.context_type)) {
+        PyErr_Format(PyExc_TypeError, "note_record expects a Context, got %s",
+                     Py_TYPE(ctx)->tp_name);
+        return NULL;
+    }
+    if (gf_note_record(ctx) < 0) {
+        return NULL;
     }
     Py_RETURN_NONE;
 }

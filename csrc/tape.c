@@ -335,6 +335,9 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
             goto error;
         }
     }
+    if (gf_note_record(ctx) < 0) {
+        goto error;
+    }
     if (is_tuple) {
         return results;
     }

@@ -47,6 +47,7 @@ def bind():
     from . import _device, _tensor, _views
     from ._ops import _activation, _arith, _unary
     from .autograd import _engine, _function, _namespace
+    from .nn import _conv
 
     functions = {
         "add": _arith.Add, "sub": _arith.Sub, "mul": _arith.Mul,
@@ -80,6 +81,9 @@ def bind():
             "refresh_view": _views.refresh,
             "check_devices": _tensor._check_devices,
         },
+        # Classes that ops keep on their records for bookkeeping, which
+        # refer to nothing but numbers and tuples.
+        inert_types=(_device.Device, _conv.Geometry),
     )
     # Function.apply's bookkeeping in C; it calls the Python apply for the
     # cases it does not cover (hooks, anomaly detection, set_enabled(False)).

@@ -456,7 +456,10 @@ def _check_grad_assignment(t, value):
             f"the assigned gradient has dtype {value.dtype} but the tensor has "
             f"dtype {t.dtype}; convert it with .astype({t.dtype})."
         )
-    if type(value.data) is not type(t.data) or value.device != t.device:
+    # Two NumPy arrays are both on the CPU; only other kinds need .device.
+    if type(value.data) is not type(t.data) or (
+        type(t.data) is not np.ndarray and value.device != t.device
+    ):
         raise RuntimeError(
             f"the assigned gradient is on {value.device} but the tensor is on "
             f"{t.device}; move it with .to() first."

@@ -463,6 +463,24 @@ def _run_script(body):
 
 
 @needs_extension
+def test_bookkeeping_attributes_keep_records_untracked():
+    # Shapes, axes, window geometry and devices cannot refer to a tensor, so
+    # ops that keep them do not switch the collector on.
+    result = _run_script("""
+        import gc
+        import gradflow as gf
+        x = gf.randn(1, 2, 6, 6, requires_grad=True)
+        conv = gf.nn.Conv2d(2, 3, 3)
+        y = gf.tanh(conv(x).reshape(-1).sum(axis=0, keepdims=True) * 2.0)
+        y = gf.cat([y[0:1], y]) * 1.0
+        assert not gf._fastpath.extension.records_tracked()
+        assert not gc.is_tracked(y.grad_fn)
+        print("ok")
+    """)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+@needs_extension
 def test_records_start_outside_cyclic_gc():
     result = _run_script("""
         import gc
@@ -504,7 +522,25 @@ CYCLES = {
     "graph_in_grad": """
         x.grad = (x * 3.0).detach() * 1.0 + x * 0.0
     """,
+    # x -> the record of _Keep -> its attribute box -> a later tensor -> x
+    "record_attribute": """
+        box = []
+        y = _Keep.apply(x, box)
+        box.append(gf.tanh(y * 2.0))
+    """,
 }
+
+_KEEP = """
+class _Keep(gf.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+"""
 
 
 @needs_extension
@@ -513,7 +549,7 @@ def test_reference_cycles_through_records_are_collected(name):
     # The cycle is built inside a function, so that closures hold their
     # tensors in cells (module-level names would be globals, not a cycle).
     lines = textwrap.dedent(CYCLES[name]).strip().splitlines()
-    body = "\n".join(["import gc, weakref", "import gradflow as gf",
+    body = "\n".join(["import gc, weakref", "import gradflow as gf", _KEEP,
                       "def build():",
                       "    x = gf.tensor([1.0, 2.0], requires_grad=True)",
                       *("    " + line for line in lines),

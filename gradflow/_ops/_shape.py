@@ -61,7 +61,7 @@ class Concatenate(Function):
     @staticmethod
     def forward(ctx, axis, *arrays):
         ctx.axis = axis
-        ctx.sizes = [a.shape[axis] for a in arrays]
+        ctx.sizes = tuple(a.shape[axis] for a in arrays)
         return ctx_xp(*arrays).concatenate(arrays, axis=axis)
 
     @staticmethod

@@ -23,6 +23,7 @@ import numpy as np
 from numpy import ndarray
 
 from .._device import array_module
+from .._fastpath import extension
 from ..errors import GraphFreedError, InplaceModificationError
 from . import _grad_mode
 
@@ -335,6 +336,9 @@ class Function:
                     t._requires_grad = False
         if ctx._saved_kinds is not None:
             _note_output_versions(ctx, results)
+        if extension is not None:
+            # What forward kept may refer to later tensors; see _C.note_record.
+            extension.note_record(ctx)
         for hook in record_hooks:
             hook(ctx)
         return results if type(out) is tuple else results[0]
