@@ -161,7 +161,8 @@ walk_free(Walk *w)
 
 /* -- gradients ---------------------------------------------------------------- */
 
-/* current + grad, as `current + grad` in Python. */
+/* current + grad, by a C loop or else by the Python engine's _sum_grads,
+   so that NumPy's warnings come from gradflow's code either way. */
 static PyObject *
 accumulate(PyObject *current, PyObject *grad)
 {
@@ -170,17 +171,34 @@ accumulate(PyObject *current, PyObject *grad)
         if (gf_loop_fits(a) && gf_loop_fits(b) && gf_loop_same_layout(a, b)) {
             PyArrayObject *sum = gf_loop_binary(OP_ADD, a, b);
             if (sum != NULL) {
-                return (PyObject *)sum;
+                return gf_loop_result(sum);
             }
         }
     }
-    return PyNumber_Add(current, grad);
+    return PyObject_CallFunctionObjArgs(GF.sum_grads, current, grad, NULL);
+}
+
+/* Raise the error Python raises for a graph node that is not a record. */
+static int
+reject_node(PyObject *node)
+{
+    PyObject *edges = PyObject_GetAttrString(node, "edges");
+    if (edges != NULL) {
+        Py_DECREF(edges);
+        PyErr_Format(PyExc_TypeError,
+                     "backward: the graph contains a %.100s where a record "
+                     "(gradflow.autograd.Context) belongs", Py_TYPE(node)->tp_name);
+    }
+    return -1;
 }
 
 /* Add `grad` (borrowed) to output `index` of `node`'s buffer. */
 static int
 add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
 {
+    if (!PyObject_TypeCheck(node, GF.context_type)) {
+        return reject_node(node);
+    }
     Py_ssize_t k = find_or_insert(w, node);
     if (k < 0) {
         return -1;
@@ -293,7 +311,9 @@ edge_parent(PyObject *edge, PyObject **parent, PyObject **index)
 }
 
 /* For every record reachable from the buffered roots, count the edges that
-   lead to it (the Python walk's _count_dependencies). */
+   lead to it (the Python walk's _count_dependencies). Returns 1, before any
+   backward has run, when the graph holds a node that is not a record, which
+   the Python walk handles (or rejects with its own error). */
 static int
 count_dependencies(Walk *w)
 {
@@ -327,6 +347,10 @@ count_dependencies(Walk *w)
             }
             if (!is_record) {
                 continue;
+            }
+            if (!PyObject_TypeCheck(parent, GF.context_type)) {
+                status = 1;
+                break;
             }
             Py_ssize_t k = find_or_insert(w, parent);
             if (k < 0) {
@@ -504,8 +528,10 @@ deliver(Walk *w, PyObject *node, PyObject **grad_inputs, Py_ssize_t n_grads)
 {
     PyObject *edges = gf_get(node, GF.c.edges);
     PyObject *metas = gf_get(node, GF.c.input_meta);
-    PyObject *edge_seq = edges ? PySequence_Fast(edges, "record edges must be a list") : NULL;
-    PyObject *meta_seq = metas ? PySequence_Fast(metas, "input_meta must be a list") : NULL;
+    /* Copies, because Python code that runs below (a gradient's own shape,
+       _fit_to_input, _sum_grads) could change the record's lists. */
+    PyObject *edge_seq = edges ? PySequence_Tuple(edges) : NULL;
+    PyObject *meta_seq = metas ? PySequence_Tuple(metas) : NULL;
     int status = 0;
     if (edge_seq == NULL || meta_seq == NULL) {
         if (!PyErr_Occurred()) {
@@ -515,10 +541,10 @@ deliver(Walk *w, PyObject *node, PyObject **grad_inputs, Py_ssize_t n_grads)
         goto done;
     }
     Py_ssize_t n = n_grads;
-    n = Py_MIN(n, PySequence_Fast_GET_SIZE(edge_seq));
-    n = Py_MIN(n, PySequence_Fast_GET_SIZE(meta_seq));
+    n = Py_MIN(n, PyTuple_GET_SIZE(edge_seq));
+    n = Py_MIN(n, PyTuple_GET_SIZE(meta_seq));
     for (Py_ssize_t i = 0; i < n && status == 0; i++) {
-        PyObject *edge = PySequence_Fast_GET_ITEM(edge_seq, i);
+        PyObject *edge = PyTuple_GET_ITEM(edge_seq, i);
         PyObject *grad = grad_inputs[i];
         if (edge == Py_None) {
             continue;
@@ -535,7 +561,7 @@ deliver(Walk *w, PyObject *node, PyObject **grad_inputs, Py_ssize_t n_grads)
             }
             continue;
         }
-        PyObject *meta = PySequence_Fast_GET_ITEM(meta_seq, i);
+        PyObject *meta = PyTuple_GET_ITEM(meta_seq, i);
         int fits = matches_meta(grad, meta);
         if (fits < 0) {
             status = -1;
@@ -664,10 +690,7 @@ run_node(Walk *w, Py_ssize_t k)
     if (op != NULL && PyLong_CheckExact(op) && n_edges <= 2
             && (grad != NULL || PyList_GET_SIZE(grads) == 1)) {
         PyObject *g = grad != NULL ? grad : PyList_GET_ITEM(grads, 0);
-        handled = gf_op_backward(node, (int)PyLong_AsLong(op), g, grad_inputs, n_edges);
-        if (handled < 0) {
-            goto done;
-        }
+        handled = gf_op_backward(node, op, g, grad_inputs, n_edges);
     }
     if (!handled) {
         if (as_list(&grads, &grad) < 0) {
@@ -728,6 +751,8 @@ done:
     return status;
 }
 
+/* Returns 0 when done, -1 on error, and 1, before any backward ran, when
+   the Python walk must run instead. */
 static int
 walk(Walk *w, PyObject *roots, PyObject *root_grads)
 {
@@ -736,6 +761,9 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
         PyObject *root = PyList_GET_ITEM(roots, i);
         PyObject *grad = PyList_GET_ITEM(root_grads, i);
         PyObject *grad_fn = gf_get(root, GF.t.grad_fn);
+        if (!gf_is_none(grad_fn) && !PyObject_TypeCheck(grad_fn, GF.context_type)) {
+            return 1;  /* not a record: the Python walk handles it */
+        }
         if (gf_is_none(grad_fn)) {
             PyObject *pair = PyTuple_Pack(2, root, grad);
             int failed = pair == NULL || PyList_Append(w->leaf_grads, pair) < 0;
@@ -748,8 +776,9 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
             return -1;
         }
     }
-    if (count_dependencies(w) < 0) {
-        return -1;
+    int counted = count_dependencies(w);
+    if (counted != 0) {
+        return counted;
     }
     for (Py_ssize_t k = 0; k < w->count; k++) {
         NodeState *st = &w->states[k];
@@ -808,8 +837,11 @@ gf_run_backward(PyObject *self, PyObject *args)
     PyObject *leaf_grads = w.leaf_grads;
     w.leaf_grads = NULL;
     walk_free(&w);
-    if (status < 0) {
+    if (status != 0) {
         Py_DECREF(leaf_grads);
+        if (status > 0) {
+            Py_RETURN_NOTIMPLEMENTED;
+        }
         return NULL;
     }
     PyObject *r = PyObject_CallFunctionObjArgs(

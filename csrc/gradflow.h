@@ -65,7 +65,7 @@ typedef struct {
 
     /* Python helpers of the engine, for the cases the C walk hands back. */
     PyObject *collect_output_grads, *run_output_hooks, *fit_to_input,
-        *store_leaf_grads, *raise_gradient_count;
+        *store_leaf_grads, *raise_gradient_count, *sum_grads;
 
     /* What the C apply calls: Function.apply in Python (for the cases it
        hands back), make_tensor, _device.array_module, _views.refresh and
@@ -152,8 +152,8 @@ int gf_view_is_current(PyObject *tensor);
 /* ops.c */
 extern PyTypeObject GF_FastOpType;
 int gf_ops_bind(PyObject *functions, PyObject *ufuncs);
-int gf_op_backward(PyObject *node, int op, PyObject *grad, PyObject **grad_inputs,
-                   Py_ssize_t n_inputs);
+int gf_op_backward(PyObject *node, PyObject *op_code, PyObject *grad,
+                   PyObject **grad_inputs, Py_ssize_t n_inputs);
 
 /* kernels.c: elementwise loops on small contiguous arrays. Each returns a new
    array, or NULL with no error set when the loop raised a floating-point
@@ -164,12 +164,15 @@ PyArrayObject *gf_loop_scalar(int op, PyArrayObject *a, double scalar, int scala
 PyArrayObject *gf_loop_neg(PyArrayObject *a);
 PyArrayObject *gf_loop_activation_grad(int op, PyArrayObject *saved, PyArrayObject *grad);
 int gf_loop_fits(PyArrayObject *a);
+/* A loop's result as the NumPy operation it replaces returns it: a NumPy
+   scalar when 0-d. Steals `out`. */
+PyObject *gf_loop_result(PyArrayObject *out);
 int gf_loop_same_layout(PyArrayObject *a, PyArrayObject *b);
 
 /* tape.c */
 PyObject *gf_new_context(PyObject *function, PyObject *needs_input_grad);
-int gf_set_inputs(PyObject *ctx, PyObject *const *args, PyObject *const *values,
-                  const char *needs, Py_ssize_t n);
+int gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs,
+                  Py_ssize_t n);
 int gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
                  Py_ssize_t nargs, PyObject *const *raw, Py_ssize_t nraw,
                  PyObject *const *outputs, PyObject *const *results, Py_ssize_t n_out);

@@ -10,7 +10,10 @@
  * NumPy reports floating-point exceptions (overflow, division by zero,
  * invalid, underflow) as np.errstate sets. A loop that raises any of them
  * discards its result and returns NULL without an error set, and the caller
- * recomputes through NumPy, which then reports the exception itself.
+ * takes the Python path, where NumPy reports the exception from gradflow's
+ * own code. A loop whose result holds a NaN does the same, because which
+ * input NaN's payload an operation keeps is up to the instruction order,
+ * which the compiler may change.
  */
 #include <fenv.h>
 
@@ -18,13 +21,30 @@
 
 #define GF_FP_EXCEPTIONS (FE_DIVBYZERO | FE_INVALID | FE_OVERFLOW | FE_UNDERFLOW)
 
+/* NumPy's float32 and float64 dtypes. An array with any other descriptor
+   of those types (another byte order, metadata) takes the NumPy path,
+   whose result dtype the loops would not reproduce. */
+static PyArray_Descr *float_descr, *double_descr;
+
 int
 gf_loop_fits(PyArrayObject *a)
 {
-    int type = PyArray_TYPE(a);
-    return (type == NPY_FLOAT || type == NPY_DOUBLE)
-        && PyArray_ISCARRAY_RO(a) && PyArray_ISNOTSWAPPED(a)
-        && PyArray_SIZE(a) < GF.small_size;
+    if (float_descr == NULL) {
+        float_descr = PyArray_DescrFromType(NPY_FLOAT);
+        double_descr = PyArray_DescrFromType(NPY_DOUBLE);
+    }
+    PyArray_Descr *descr = PyArray_DESCR(a);
+    return (descr == float_descr || descr == double_descr)
+        && PyArray_ISCARRAY_RO(a) && PyArray_SIZE(a) < GF.small_size;
+}
+
+PyObject *
+gf_loop_result(PyArrayObject *out)
+{
+    if (PyArray_NDIM(out) == 0) {
+        return PyArray_Return(out);
+    }
+    return (PyObject *)out;
 }
 
 int
@@ -73,11 +93,26 @@ start_loop(PyArrayObject *like)
         DISPATCH(double)                                                \
     }
 
-/* Return `out`, or drop it and return NULL if the loop raised an exception. */
+/* Return `out`, or drop it and return NULL if the loop raised an exception
+   or, unless `nan_allowed`, produced a NaN. */
 static PyArrayObject *
-checked(PyArrayObject *out)
+checked(PyArrayObject *out, int nan_allowed)
 {
-    if (fetestexcept(GF_FP_EXCEPTIONS)) {
+    int rejected = fetestexcept(GF_FP_EXCEPTIONS) != 0;
+    npy_intp n = PyArray_SIZE(out);
+    if (!rejected && !nan_allowed && PyArray_TYPE(out) == NPY_FLOAT) {
+        const float *r = (const float *)PyArray_DATA(out);
+        for (npy_intp i = 0; i < n; i++) {
+            rejected |= r[i] != r[i];
+        }
+    }
+    else if (!rejected && !nan_allowed) {
+        const double *r = (const double *)PyArray_DATA(out);
+        for (npy_intp i = 0; i < n; i++) {
+            rejected |= r[i] != r[i];
+        }
+    }
+    if (rejected) {
         Py_DECREF(out);
         return NULL;
     }
@@ -111,7 +146,7 @@ gf_loop_binary(int op, PyArrayObject *a, PyArrayObject *b)
     }
     npy_intp n = PyArray_SIZE(a);
     BY_DTYPE(a, BINARY_DISPATCH)
-    return checked(out);
+    return checked(out, 0);
 }
 
 #define SCALAR_LOOP(T, EXPR)                                            \
@@ -154,7 +189,7 @@ gf_loop_scalar(int op, PyArrayObject *a, double scalar, int scalar_first)
     }
     npy_intp n = PyArray_SIZE(a);
     BY_DTYPE(a, SCALAR_DISPATCH)
-    return checked(out);
+    return checked(out, 0);
 }
 
 #define UNARY_LOOP(T, EXPR)                                             \
@@ -177,7 +212,8 @@ gf_loop_neg(PyArrayObject *a)
 #define NEG_DISPATCH(T) UNARY_LOOP(T, -x[i]);
     BY_DTYPE(a, NEG_DISPATCH)
 #undef NEG_DISPATCH
-    return checked(out);
+    /* Negation only flips the sign bit, of a NaN too, as NumPy's does. */
+    return checked(out, 1);
 }
 
 /* The generic backward formulas of the ops in gradflow/_ops, with `s` the
@@ -221,5 +257,5 @@ gf_loop_activation_grad(int op, PyArrayObject *saved, PyArrayObject *grad)
     }
     npy_intp n = PyArray_SIZE(grad);
     BY_DTYPE(grad, GRAD_DISPATCH)
-    return checked(out);
+    return checked(out, 0);
 }

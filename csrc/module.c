@@ -219,6 +219,7 @@ py_bind(PyObject *self, PyObject *args, PyObject *kwargs)
             || take_callable(engine_globals, "_store_leaf_grads", &GF.store_leaf_grads) < 0
             || take_callable(engine_globals, "_raise_gradient_count",
                              &GF.raise_gradient_count) < 0
+            || take_callable(engine_globals, "_sum_grads", &GF.sum_grads) < 0
             || take_callable(helpers, "python_apply", &GF.python_apply) < 0
             || take_callable(helpers, "make_tensor", &GF.make_tensor) < 0
             || take_callable(helpers, "array_module", &GF.array_module_of) < 0

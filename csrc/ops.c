@@ -24,6 +24,8 @@ typedef struct {
     int kind;
     PyObject *fallback;
     PyObject *name;
+    PyObject *dict;          /* attributes set on the op, as on a function */
+    PyObject *weakreflist;
 } FastOp;
 
 static const char *op_names[OP_COUNT] = {
@@ -35,7 +37,9 @@ static PyObject *op_codes[OP_COUNT];   /* the `_op` slot value of each op */
 
 /* -- argument checks ------------------------------------------------------- */
 
-/* The array of a tensor that can take the fast path, or NULL. */
+/* The array of a tensor that the C loops can take, or NULL: a small,
+   C-contiguous float32 or float64 CPU array of a tensor that is not a
+   stale view. Every other tensor takes the Python path. */
 static PyArrayObject *
 fast_array(PyObject *tensor)
 {
@@ -43,46 +47,43 @@ fast_array(PyObject *tensor)
         return NULL;
     }
     PyObject *data = gf_get(tensor, GF.t.data);
-    if (data == NULL || !PyArray_CheckExact(data)) {
+    if (data == NULL || !PyArray_CheckExact(data)
+            || !gf_loop_fits((PyArrayObject *)data) || !gf_view_is_current(tensor)) {
         return NULL;
     }
-    PyArrayObject *array = (PyArrayObject *)data;
-    int type = PyArray_TYPE(array);
-    if ((type != NPY_FLOAT && type != NPY_DOUBLE) || !PyArray_ISNOTSWAPPED(array)) {
-        return NULL;
-    }
-    if (!gf_view_is_current(tensor)) {
-        return NULL;
-    }
-    return array;
+    return (PyArrayObject *)data;
 }
 
-/* A Python float or int (not bool) that NumPy combines with an array
-   without changing its dtype. */
+/* 2**53: Python ints up to this size convert to a double exactly, so the
+   loops round them to float32 once, as NumPy does. */
+#define EXACT_INT_LIMIT 9007199254740992LL
+
+/* The value of a Python float, or of an int (not a bool) that converts to a
+   double exactly. Returns 0 for anything else. */
 static int
-fast_scalar(PyObject *value)
+scalar_value(PyObject *value, double *result)
 {
-    return PyFloat_CheckExact(value) || PyLong_CheckExact(value);
+    if (PyFloat_CheckExact(value)) {
+        *result = PyFloat_AS_DOUBLE(value);
+        return 1;
+    }
+    if (!PyLong_CheckExact(value)) {
+        return 0;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow || v > EXACT_INT_LIMIT || v < -EXACT_INT_LIMIT) {
+        PyErr_Clear();
+        return 0;
+    }
+    *result = (double)v;
+    return 1;
 }
 
 static int
 requires_grad(PyObject *tensor)
 {
     return gf_get(tensor, GF.t.requires_grad) == Py_True;
-}
-
-static int
-broadcastable(PyArrayObject *a, PyArrayObject *b)
-{
-    int na = PyArray_NDIM(a), nb = PyArray_NDIM(b);
-    npy_intp *da = PyArray_DIMS(a), *db = PyArray_DIMS(b);
-    for (int i = 1; i <= na && i <= nb; i++) {
-        npy_intp x = da[na - i], y = db[nb - i];
-        if (x != y && x != 1 && y != 1) {
-            return 0;
-        }
-    }
-    return 1;
 }
 
 /* Whether records may be made here at all: the Python path of
@@ -102,72 +103,99 @@ hooks_allow(int requires, int record)
 
 /* -- forward ---------------------------------------------------------------- */
 
-static PyObject *
-number_op(int op, PyObject *a, PyObject *b)
-{
-    switch (op) {
-    case OP_ADD: return PyNumber_Add(a, b);
-    case OP_SUB: return PyNumber_Subtract(a, b);
-    case OP_MUL: return PyNumber_Multiply(a, b);
-    default: return PyNumber_TrueDivide(a, b);
-    }
-}
+/* The functions below return a new reference; NULL with an exception set on
+   error; or NULL with none when the op must take the Python path. */
 
-/* The result of a C loop as the NumPy operator it replaces returns it: a
-   NumPy scalar when 0-d, because forward saves what it returns. */
-static PyObject *
-loop_result(PyArrayObject *out)
-{
-    if (PyArray_NDIM(out) == 0) {
-        return PyArray_Return(out);
-    }
-    return (PyObject *)out;
-}
-
-/* `a op b` for arrays or Python numbers, as the Function's forward computes
-   it with NumPy operators. */
+/* `a op b` for two arrays of one layout, or an array and a Python number. */
 static PyObject *
 binary_value(int op, PyObject *a, PyObject *b)
 {
-    int a_array = PyArray_CheckExact(a), b_array = PyArray_CheckExact(b);
-    PyArrayObject *out = NULL;
-    if (a_array && b_array) {
-        PyArrayObject *x = (PyArrayObject *)a, *y = (PyArrayObject *)b;
-        if (gf_loop_fits(x) && gf_loop_fits(y) && gf_loop_same_layout(x, y)) {
-            out = gf_loop_binary(op, x, y);
+    PyArrayObject *out;
+    double scalar;
+    if (PyArray_CheckExact(a) && PyArray_CheckExact(b)) {
+        out = gf_loop_binary(op, (PyArrayObject *)a, (PyArrayObject *)b);
+    }
+    else if (PyArray_CheckExact(a)) {
+        if (!scalar_value(b, &scalar)) {
+            return NULL;
         }
+        out = gf_loop_scalar(op, (PyArrayObject *)a, scalar, 0);
     }
-    else if (a_array && PyFloat_CheckExact(b)) {
-        if (gf_loop_fits((PyArrayObject *)a)) {
-            out = gf_loop_scalar(op, (PyArrayObject *)a, PyFloat_AS_DOUBLE(b), 0);
+    else {
+        if (!scalar_value(a, &scalar)) {
+            return NULL;
         }
+        out = gf_loop_scalar(op, (PyArrayObject *)b, scalar, 1);
     }
-    else if (b_array && PyFloat_CheckExact(a)) {
-        if (gf_loop_fits((PyArrayObject *)b)) {
-            out = gf_loop_scalar(op, (PyArrayObject *)b, PyFloat_AS_DOUBLE(a), 1);
-        }
+    return out == NULL ? NULL : gf_loop_result(out);
+}
+
+/* Smallest positive normal float32 and float64. */
+#define FLOAT_NORMAL_MIN 1.17549435e-38
+#define DOUBLE_NORMAL_MIN 2.2250738585072014e-308
+
+/* Whether NumPy's ufunc computes `op` on `x` without a floating-point
+   exception, and so has no warning to report from here: exp stays in range,
+   log gets only positive and sqrt only non-negative arguments, and sin, cos
+   and tanh see no subnormal argument (sin and cos nothing huge or
+   infinite). A NaN fails every test. The bounds are a little inside the
+   exact ones. */
+#define SAFE_SCAN(T, NORMAL_MIN, EXP_LOW, EXP_HIGH)                     \
+    do {                                                                \
+        const T *v = (const T *)PyArray_DATA(x);                        \
+        for (npy_intp i = 0; i < n; i++) {                              \
+            const T a = v[i];                                           \
+            const T magnitude = a < 0 ? -a : a;                         \
+            int ok;                                                     \
+            switch (op) {                                               \
+            case OP_EXP:                                                \
+                ok = a >= (T)EXP_LOW && a <= (T)EXP_HIGH;               \
+                break;                                                  \
+            case OP_LOG:                                                \
+                ok = a > 0;                                             \
+                break;                                                  \
+            case OP_SQRT:                                               \
+                ok = a >= 0;                                            \
+                break;                                                  \
+            case OP_TANH:                                               \
+                ok = a == 0 || magnitude >= (T)NORMAL_MIN;              \
+                break;                                                  \
+            default: /* sin, cos */                                     \
+                ok = a == 0 || (magnitude >= (T)NORMAL_MIN              \
+                                && magnitude <= (T)1e30);               \
+            }                                                           \
+            if (!ok) {                                                  \
+                return 0;                                               \
+            }                                                           \
+        }                                                               \
+    } while (0)
+
+static int
+ufunc_is_safe(int op, PyArrayObject *x)
+{
+    npy_intp n = PyArray_SIZE(x);
+    if (PyArray_TYPE(x) == NPY_FLOAT) {
+        SAFE_SCAN(float, FLOAT_NORMAL_MIN, -87.0, 88.0);
     }
-    if (out != NULL) {
-        return loop_result(out);
+    else {
+        SAFE_SCAN(double, DOUBLE_NORMAL_MIN, -708.0, 709.0);
     }
-    return number_op(op, a, b);
+    return 1;
 }
 
 static PyObject *
 unary_value(int op, PyArrayObject *x)
 {
     switch (op) {
-    case OP_NEG:
-        if (gf_loop_fits(x)) {
-            PyArrayObject *out = gf_loop_neg(x);
-            if (out != NULL) {
-                return loop_result(out);
-            }
-        }
-        return PyNumber_Negative((PyObject *)x);
+    case OP_NEG: {
+        PyArrayObject *out = gf_loop_neg(x);
+        return out == NULL ? NULL : gf_loop_result(out);
+    }
     case OP_SIGMOID:
+        /* Python code, so NumPy's warnings come from gradflow's file. */
         return PyObject_CallFunctionObjArgs(GF.stable_sigmoid, GF.numpy, x, NULL);
     case OP_RELU: {
+        /* np.maximum raises no floating-point exception, NaN included. */
         PyObject *zero = PyLong_FromLong(0);
         PyObject *args[2] = {(PyObject *)x, zero};
         PyObject *out = PyObject_Vectorcall(GF.ufuncs[OP_RELU], args, 2, NULL);
@@ -175,6 +203,9 @@ unary_value(int op, PyArrayObject *x)
         return out;
     }
     default:
+        if (!ufunc_is_safe(op, x)) {
+            return NULL;
+        }
         return PyObject_CallOneArg(GF.ufuncs[op], (PyObject *)x);
     }
 }
@@ -216,7 +247,7 @@ record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
     }
     PyObject *out_meta = PyList_New(1);
     PyObject *result = NULL;
-    if (out_meta == NULL || gf_set_inputs(ctx, args, values, needs, nargs) < 0) {
+    if (out_meta == NULL || gf_set_inputs(ctx, args, needs, nargs) < 0) {
         goto error;
     }
     PyObject *metas = gf_get(ctx, GF.c.input_meta);
@@ -288,11 +319,13 @@ saved_by(int op, PyObject *const *values, const char *needs, PyObject *out,
     }
 }
 
-/* Run `op` on its checked arguments, recording it when a gradient is needed.
-   `values` are the arrays of Tensor arguments and the numbers themselves. */
-static PyObject *
+/* Run `op` on its checked arguments, recording it when a gradient is
+   needed. `values` are the arrays of Tensor arguments and the numbers
+   themselves. Returns 1 with *result set (NULL with an exception on
+   error), or 0 when the op must take the Python path. */
+static int
 run_op(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
-       const char *needs, int record_it)
+       const char *needs, int record_it, PyObject **result)
 {
     PyObject *value;
     if (nargs == 1) {
@@ -302,25 +335,29 @@ run_op(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
         value = binary_value(op, values[0], values[1]);
     }
     if (value == NULL) {
-        return NULL;
+        if (!PyErr_Occurred()) {
+            return 0;
+        }
+        *result = NULL;
+        return 1;
     }
     PyObject *out = stored_array(value);
     if (out == NULL) {
         Py_DECREF(value);
-        return NULL;
+        *result = NULL;
+        return 1;
     }
-    PyObject *result;
     if (!record_it) {
-        result = gf_new_tensor(out, NULL, 0);
+        *result = gf_new_tensor(out, NULL, 0);
     }
     else {
         PyObject *raw[2];
         Py_ssize_t nraw = saved_by(op, values, needs, value, raw);
-        result = record(op, args, values, nargs, needs, out, value, raw, nraw);
+        *result = record(op, args, values, nargs, needs, out, value, raw, nraw);
     }
     Py_DECREF(out);
     Py_DECREF(value);
-    return result;
+    return 1;
 }
 
 /* 1: handled (*result set, or NULL with an exception); 0: not handled. */
@@ -336,9 +373,13 @@ try_unary(FastOp *self, PyObject *x, PyObject **result)
     if (!hooks_allow(needs[0], record_it)) {
         return 0;
     }
+    /* Held, because sigmoid's forward runs Python code, which could rebind
+       the tensor's array. */
+    Py_INCREF(array);
     PyObject *values[1] = {(PyObject *)array};
-    *result = run_op(self->op, &x, values, 1, needs, record_it);
-    return 1;
+    int handled = run_op(self->op, &x, values, 1, needs, record_it, result);
+    Py_DECREF(array);
+    return handled;
 }
 
 static int
@@ -349,7 +390,7 @@ try_binary(FastOp *self, PyObject *a, PyObject *b, PyObject **result)
     char needs[2] = {0, 0};
     PyArrayObject *arrays[2] = {NULL, NULL};
     for (int k = 0; k < 2; k++) {
-        if (fast_scalar(args[k])) {
+        if (PyFloat_CheckExact(args[k]) || PyLong_CheckExact(args[k])) {
             values[k] = args[k];
             continue;
         }
@@ -363,20 +404,17 @@ try_binary(FastOp *self, PyObject *a, PyObject *b, PyObject **result)
     if (arrays[0] == NULL && arrays[1] == NULL) {
         return 0;
     }
-    if (arrays[0] != NULL && arrays[1] != NULL) {
-        /* Mixed dtypes promote, and mismatched shapes raise, in Python. */
-        if (PyArray_TYPE(arrays[0]) != PyArray_TYPE(arrays[1])
-                || !broadcastable(arrays[0], arrays[1])) {
-            return 0;
-        }
+    /* Broadcasting and mixed dtypes take the Python path. */
+    if (arrays[0] != NULL && arrays[1] != NULL
+            && !gf_loop_same_layout(arrays[0], arrays[1])) {
+        return 0;
     }
     int requires = needs[0] || needs[1];
     int record_it = requires && gf_grad_enabled();
     if (!hooks_allow(requires, record_it)) {
         return 0;
     }
-    *result = run_op(self->op, args, values, 2, needs, record_it);
-    return 1;
+    return run_op(self->op, args, values, 2, needs, record_it, result);
 }
 
 /* -- backward --------------------------------------------------------------- */
@@ -436,16 +474,17 @@ loop_operand(PyObject *value, PyArrayObject *grad)
     return array;
 }
 
-/* grad * value, or grad / value, for a saved array or Python float. */
+/* grad * value, or grad / value, for a saved array or Python number. NULL,
+   with no exception set, when a loop cannot compute it. */
 static PyArrayObject *
-grad_times(int op, PyArrayObject *grad, PyObject *value, int *ok)
+grad_times(int op, PyArrayObject *grad, PyObject *value)
 {
-    if (PyFloat_CheckExact(value)) {
-        return gf_loop_scalar(op, grad, PyFloat_AS_DOUBLE(value), 0);
+    double scalar;
+    if (scalar_value(value, &scalar)) {
+        return gf_loop_scalar(op, grad, scalar, 0);
     }
     PyArrayObject *array = loop_operand(value, grad);
     if (array == NULL) {
-        *ok = 0;
         return NULL;
     }
     return gf_loop_binary(op, grad, array);
@@ -461,71 +500,35 @@ needs_at(PyObject *node, Py_ssize_t i)
     return PyTuple_GET_ITEM(needs, i) == Py_True;
 }
 
-/* Run the backward of a fast-op record on arrays. Returns 1 with
-   grad_inputs filled (new references, NULL for None), 0 when the Python
-   backward must run instead, -1 on error. */
-int
-gf_op_backward(PyObject *node, int op, PyObject *grad_object, PyObject **grad_inputs,
-               Py_ssize_t n_inputs)
+/* Compute the input gradients of a fast-op record into a and b (new
+   references, NULL for None). Returns 0 when a loop cannot, after
+   dropping what it made. */
+static int
+op_gradients(PyObject *node, int op, PyArrayObject *grad, Py_ssize_t n_inputs,
+             PyArrayObject **a, PyArrayObject **b)
 {
-    PyArrayObject *grad = (PyArrayObject *)grad_object;
     PyObject *saved[2] = {NULL, NULL};
-    int ok = 1;
-
-    if (op == OP_ADD && n_inputs == 2) {
-        Py_INCREF(grad_object);
-        Py_INCREF(grad_object);
-        grad_inputs[0] = grad_inputs[1] = grad_object;
-        return 1;
-    }
-    if (!PyArray_CheckExact(grad_object) || !gf_loop_fits(grad)) {
-        return 0;
-    }
     switch (op) {
     case OP_SUB:
-        if (n_inputs != 2) {
-            return 0;
-        }
-        grad_inputs[1] = NULL;
-        if (needs_at(node, 1)) {
-            grad_inputs[1] = (PyObject *)gf_loop_neg(grad);
-            if (grad_inputs[1] == NULL) {
-                return 0;
-            }
-        }
-        Py_INCREF(grad_object);
-        grad_inputs[0] = grad_object;
-        return 1;
+        /* The gradient of a passes through; gf_op_backward adds it. */
+        return n_inputs == 2 && (!needs_at(node, 1) || (*b = gf_loop_neg(grad)) != NULL);
 
     case OP_NEG:
-        if (n_inputs != 1) {
-            return 0;
-        }
-        grad_inputs[0] = (PyObject *)gf_loop_neg(grad);
-        return grad_inputs[0] != NULL;
+        return n_inputs == 1 && (*a = gf_loop_neg(grad)) != NULL;
 
-    case OP_MUL: {
+    case OP_MUL:
+        /* Each gradient is the output gradient times the other operand. */
         if (n_inputs != 2 || read_saved(node, saved, 2) < 0) {
             return 0;
         }
-        PyArrayObject *ga = NULL, *gb = NULL;
-        if (needs_at(node, 0)) {
-            ga = grad_times(OP_MUL, grad, saved[1], &ok);
-            if (ga == NULL) {
-                return 0;
-            }
+        if (needs_at(node, 0) && (*a = grad_times(OP_MUL, grad, saved[1])) == NULL) {
+            return 0;
         }
-        if (needs_at(node, 1)) {
-            gb = grad_times(OP_MUL, grad, saved[0], &ok);
-            if (gb == NULL) {
-                Py_XDECREF(ga);
-                return 0;
-            }
+        if (needs_at(node, 1) && (*b = grad_times(OP_MUL, grad, saved[0])) == NULL) {
+            Py_CLEAR(*a);
+            return 0;
         }
-        grad_inputs[0] = (PyObject *)ga;
-        grad_inputs[1] = (PyObject *)gb;
         return 1;
-    }
 
     case OP_DIV: {
         /* grad_a = grad / b and grad_b = -grad_a * out; grad_a is computed
@@ -533,25 +536,22 @@ gf_op_backward(PyObject *node, int op, PyObject *grad_object, PyObject **grad_in
         if (n_inputs != 2 || read_saved(node, saved, 2) < 0) {
             return 0;
         }
-        PyArrayObject *ga = grad_times(OP_DIV, grad, saved[0], &ok);
-        if (ga == NULL) {
+        if ((*a = grad_times(OP_DIV, grad, saved[0])) == NULL) {
             return 0;
         }
-        PyArrayObject *gb = NULL;
-        if (needs_at(node, 1)) {
-            PyArrayObject *out = loop_operand(saved[1], grad);
-            PyArrayObject *negated = out != NULL ? gf_loop_neg(ga) : NULL;
-            if (negated != NULL) {
-                gb = gf_loop_binary(OP_MUL, negated, out);
-                Py_DECREF(negated);
-            }
-            if (gb == NULL) {
-                Py_DECREF(ga);
-                return 0;
-            }
+        if (!needs_at(node, 1)) {
+            return 1;
         }
-        grad_inputs[0] = (PyObject *)ga;
-        grad_inputs[1] = (PyObject *)gb;
+        PyArrayObject *out = loop_operand(saved[1], grad);
+        PyArrayObject *negated = out != NULL ? gf_loop_neg(*a) : NULL;
+        if (negated != NULL) {
+            *b = gf_loop_binary(OP_MUL, negated, out);
+            Py_DECREF(negated);
+        }
+        if (*b == NULL) {
+            Py_CLEAR(*a);
+            return 0;
+        }
         return 1;
     }
 
@@ -561,16 +561,54 @@ gf_op_backward(PyObject *node, int op, PyObject *grad_object, PyObject **grad_in
             return 0;
         }
         PyArrayObject *s = loop_operand(saved[0], grad);
-        if (s == NULL) {
-            return 0;
-        }
-        grad_inputs[0] = (PyObject *)gf_loop_activation_grad(op, s, grad);
-        return grad_inputs[0] != NULL;
+        return s != NULL && (*a = gf_loop_activation_grad(op, s, grad)) != NULL;
     }
 
     default:
         return 0;
     }
+}
+
+/* Run the backward of a fast-op record on arrays. Returns 1 with
+   grad_inputs filled (new references, NULL for None), 0 when the Python
+   backward must run instead. A record counts as a fast-op record only when
+   its Function is that op's, so a custom Function's own `_op` attribute
+   is never taken for one. */
+int
+gf_op_backward(PyObject *node, PyObject *op_code, PyObject *grad_object,
+               PyObject **grad_inputs, Py_ssize_t n_inputs)
+{
+    long op = PyLong_AsLong(op_code);
+    if (op < 0 || op >= OP_COUNT) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (gf_get(node, GF.c.function) != GF.functions[op]) {
+        return 0;
+    }
+    /* The Python backward leaves xp on the record; so does this. */
+    gf_set(node, GF.c.xp, GF.numpy_namespace);
+    if (op == OP_ADD && n_inputs == 2) {
+        Py_INCREF(grad_object);
+        Py_INCREF(grad_object);
+        grad_inputs[0] = grad_inputs[1] = grad_object;
+        return 1;
+    }
+    if (!PyArray_CheckExact(grad_object) || !gf_loop_fits((PyArrayObject *)grad_object)) {
+        return 0;
+    }
+    PyArrayObject *a = NULL, *b = NULL;
+    if (!op_gradients(node, (int)op, (PyArrayObject *)grad_object, n_inputs, &a, &b)) {
+        return 0;
+    }
+    grad_inputs[0] = a == NULL ? NULL : gf_loop_result(a);
+    grad_inputs[1] = b == NULL ? NULL : gf_loop_result(b);
+    if (op == OP_SUB) {
+        /* The output gradient itself, as Sub.backward returns it. */
+        Py_INCREF(grad_object);
+        grad_inputs[0] = grad_object;
+    }
+    return 1;
 }
 
 /* -- the FastOp type -------------------------------------------------------- */
@@ -651,6 +689,7 @@ static int
 fastop_traverse(FastOp *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->fallback);
+    Py_VISIT(self->dict);
     return 0;
 }
 
@@ -658,6 +697,7 @@ static int
 fastop_clear(FastOp *self)
 {
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->dict);
     return 0;
 }
 
@@ -665,6 +705,9 @@ static void
 fastop_dealloc(FastOp *self)
 {
     PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
     fastop_clear(self);
     Py_CLEAR(self->name);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -770,6 +813,9 @@ PyTypeObject GF_FastOpType = {
     .tp_repr = (reprfunc)fastop_repr,
     .tp_getset = fastop_getset,
     .tp_methods = fastop_methods,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_dictoffset = offsetof(FastOp, dict),
+    .tp_weaklistoffset = offsetof(FastOp, weakreflist),
 };
 
 /* Take each op's Function class and NumPy ufunc from the dicts that

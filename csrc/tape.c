@@ -135,10 +135,11 @@ meta_of_value(PyObject *value)
 }
 
 /* Set a record's edges and input_meta, as _function._record does: an edge
-   and (shape, dtype) for each input that needs a gradient, None for others. */
+   and (shape, dtype) for each input that needs a gradient, None for others.
+   The metadata is read from each tensor's array as it is now, after
+   forward, as in Python. */
 int
-gf_set_inputs(PyObject *ctx, PyObject *const *args, PyObject *const *values,
-              const char *needs, Py_ssize_t n)
+gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_t n)
 {
     PyObject *edges = PyList_New(n);
     PyObject *metas = PyList_New(n);
@@ -152,11 +153,12 @@ gf_set_inputs(PyObject *ctx, PyObject *const *args, PyObject *const *values,
             if (edge == NULL) {
                 goto error;
             }
-            if (PyArray_CheckExact(values[k])) {
-                meta = gf_meta_of_tensor(args[k], (PyArrayObject *)values[k]);
+            PyObject *data = gf_get(args[k], GF.t.data);
+            if (data != NULL && PyArray_CheckExact(data)) {
+                meta = gf_meta_of_tensor(args[k], (PyArrayObject *)data);
             }
             else {
-                meta = meta_of_value(values[k]);
+                meta = data != NULL ? meta_of_value(data) : NULL;
             }
             if (meta == NULL) {
                 Py_DECREF(edge);
@@ -221,22 +223,33 @@ wrap_output(PyObject *value, PyObject *grad_fn, Py_ssize_t index)
     return t;
 }
 
+/* Python's check that forward returned arrays: `type(o) is ndarray or
+   hasattr(o, "shape")`, where hasattr lets errors other than
+   AttributeError through. */
 static int
 check_output(PyObject *function, PyObject *value)
 {
     if (PyArray_CheckExact(value)) {
         return 0;
     }
-    int has_shape = PyObject_HasAttrString(value, "shape");
-    if (has_shape) {
+    PyObject *shape = PyObject_GetAttrString(value, "shape");
+    if (shape != NULL) {
+        Py_DECREF(shape);
         return 0;
     }
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return -1;
+    }
+    PyErr_Clear();
     PyObject *name = PyObject_GetAttrString(function, "__name__");
-    PyErr_Format(PyExc_TypeError,
-                 "forward of '%S' returned a %s; it must return an array (NumPy "
-                 "or CuPy) or a tuple of arrays.",
-                 name ? name : Py_None, Py_TYPE(value)->tp_name);
+    PyObject *type_name = PyObject_GetAttrString((PyObject *)Py_TYPE(value), "__name__");
+    if (name != NULL && type_name != NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "forward of '%U' returned a %U; it must return an array "
+                     "(NumPy or CuPy) or a tuple of arrays.", name, type_name);
+    }
     Py_XDECREF(name);
+    Py_XDECREF(type_name);
     return -1;
 }
 
@@ -253,13 +266,13 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
     PyObject *out_meta = PyList_New(n_out);
     PyObject *results = PyTuple_New(n_out);
     if (out_meta == NULL || results == NULL
-            || gf_set_inputs(ctx, inputs, values, needs, n) < 0) {
+            || gf_set_inputs(ctx, inputs, needs, n) < 0) {
         goto error;
     }
     PyObject *first = NULL;
     for (Py_ssize_t k = 0; k < n && first == NULL; k++) {
         if (needs[k]) {
-            first = values[k];
+            first = gf_get(inputs[k], GF.t.data);
         }
     }
     for (Py_ssize_t j = 0; j < n_out; j++) {
@@ -272,6 +285,10 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
     PyObject_GC_UnTrack(out_meta);
 
     PyObject *array_module;
+    if (first == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "Tensor has no data");
+        goto error;
+    }
     if (PyArray_CheckExact(first)) {
         array_module = GF.numpy;
         Py_INCREF(array_module);
@@ -460,17 +477,22 @@ gf_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     char *needs = n <= 16 ? small_needs : PyMem_Malloc(n);
     PyObject *ctx = NULL, *forward = NULL, *out = NULL, *result = NULL;
     PyObject *needs_tuple = NULL;
+    Py_ssize_t n_values = 0;     /* values that hold a reference so far */
     if (call == NULL || needs == NULL) {
         PyErr_NoMemory();
         goto done;
     }
+    /* The call holds a reference to each value, because forward is Python
+       code, which could rebind a tensor's array while it runs. */
     PyObject **values = call + 1;
     int requires = 0, off_cpu = 0;
     Py_ssize_t tensor_count = 0;
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *arg = inputs[k];
         needs[k] = 0;
+        Py_INCREF(arg);
         values[k] = arg;
+        n_values = k + 1;
         if (!gf_is_tensor(arg)) {
             continue;
         }
@@ -490,7 +512,8 @@ gf_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
             PyErr_SetString(PyExc_AttributeError, "Tensor has no data");
             goto done;
         }
-        values[k] = data;
+        Py_INCREF(data);
+        Py_SETREF(values[k], data);
         tensor_count++;
         off_cpu |= !PyArray_CheckExact(data);
         needs[k] = gf_get(arg, GF.t.requires_grad) == Py_True;
@@ -559,6 +582,9 @@ gf_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     }
 
 done:
+    for (Py_ssize_t k = 0; k < n_values; k++) {
+        Py_DECREF(call[1 + k]);
+    }
     if (call != NULL && call != small) {
         PyMem_Free(call);
     }

@@ -15,6 +15,7 @@ In-place operators (``+=``, ``t[i] = v``, ``add_``, ...) follow PyTorch:
 import numpy as np
 
 from . import _ops, _views
+from . import _fastpath
 from ._fastpath import fast_op
 from ._ops import _shape as _shape_ops
 from ._ops import _common, _index
@@ -135,6 +136,9 @@ def _record_inplace(t, op, *args, name="in-place op"):
 
 def _assign(t, value, op):
     """Write the recorded result ``value`` into ``t`` (and through views into bases)."""
+    # t takes a later record as its grad_fn, and that record may have saved
+    # t itself: a reference cycle, which the collector must see.
+    _fastpath.track_records()
     value = _fit_result(t, value, op)
     if t._view is not None:
         base = t._view[0]

@@ -13,6 +13,7 @@ share one counter). Two rules keep autograd exact, as PyTorch's views do:
   view again from the base (``refresh``), so its graph is current.
 """
 
+from . import _fastpath
 from .errors import GraphError
 
 __all__ = ["mark_view", "refresh", "write_back"]
@@ -55,6 +56,8 @@ def refresh(t):
     if base._view is not None:
         refresh(base)
     fresh = _derive(base, kind, arg)
+    # t takes a later record as its grad_fn, which can close a cycle.
+    _fastpath.track_records()
     t.data = fresh.data
     t.grad_fn = fresh.grad_fn
     t._out_index = fresh._out_index

@@ -61,7 +61,10 @@ def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
         retain_graph = create_graph
     if (fast_backward is not None and inputs is None and not create_graph
             and anomaly_hook is None):
-        return fast_backward(list(roots), list(root_grads), retain_graph)
+        # NotImplemented: the graph holds a node that is not a record, which
+        # the walk below handles (or rejects with its own error).
+        if fast_backward(list(roots), list(root_grads), retain_graph) is None:
+            return None
     captures = _capture_table(inputs) if inputs is not None else None
     results = {}
     buffers = {}
@@ -186,7 +189,12 @@ def _add_to_buffer(buffers, node, index, grad):
     if slots is None:
         slots = buffers[node] = [None] * len(node.out_meta)
     current = slots[index]
-    slots[index] = grad if current is None else current + grad
+    slots[index] = grad if current is None else _sum_grads(current, grad)
+
+
+def _sum_grads(current, grad):
+    """Return the sum of two gradients of one output (the C walk uses it too)."""
+    return current + grad
 
 
 def _collect_output_grads(node, slots, create_graph):
