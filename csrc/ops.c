@@ -133,14 +133,19 @@ binary_value(int op, PyObject *a, PyObject *b)
 /* Smallest positive normal float32 and float64. */
 #define FLOAT_NORMAL_MIN 1.17549435e-38
 #define DOUBLE_NORMAL_MIN 2.2250738585072014e-308
+/* Below these magnitudes NumPy's SIMD sin and cos may square the argument
+   into an underflow: about the square roots of the two above, with a
+   margin, since the exact bound depends on the CPU's code path. */
+#define FLOAT_TRIG_MIN 1e-18
+#define DOUBLE_TRIG_MIN 1e-150
 
 /* Whether NumPy's ufunc computes `op` on `x` without a floating-point
-   exception, and so has no warning to report from here: exp stays in range,
-   log gets only positive and sqrt only non-negative arguments, and sin, cos
-   and tanh see no subnormal argument (sin and cos nothing huge or
-   infinite). A NaN fails every test. The bounds are a little inside the
-   exact ones. */
-#define SAFE_SCAN(T, NORMAL_MIN, EXP_LOW, EXP_HIGH)                     \
+   exception, and so has no warning to report from here: exp stays in range
+   and sees no subnormal argument, log gets only positive and sqrt only
+   non-negative arguments, tanh sees no subnormal argument, and sin and cos
+   see nothing tiny (below TRIG_MIN), huge or infinite. A NaN fails every
+   test. The bounds are a little inside the exact ones. */
+#define SAFE_SCAN(T, NORMAL_MIN, TRIG_MIN, EXP_LOW, EXP_HIGH)           \
     do {                                                                \
         const T *v = (const T *)PyArray_DATA(x);                        \
         for (npy_intp i = 0; i < n; i++) {                              \
@@ -149,7 +154,8 @@ binary_value(int op, PyObject *a, PyObject *b)
             int ok;                                                     \
             switch (op) {                                               \
             case OP_EXP:                                                \
-                ok = a >= (T)EXP_LOW && a <= (T)EXP_HIGH;               \
+                ok = a >= (T)EXP_LOW && a <= (T)EXP_HIGH                \
+                     && (a == 0 || magnitude >= (T)NORMAL_MIN);         \
                 break;                                                  \
             case OP_LOG:                                                \
                 ok = a > 0;                                             \
@@ -161,7 +167,7 @@ binary_value(int op, PyObject *a, PyObject *b)
                 ok = a == 0 || magnitude >= (T)NORMAL_MIN;              \
                 break;                                                  \
             default: /* sin, cos */                                     \
-                ok = a == 0 || (magnitude >= (T)NORMAL_MIN              \
+                ok = a == 0 || (magnitude >= (T)TRIG_MIN                \
                                 && magnitude <= (T)1e30);               \
             }                                                           \
             if (!ok) {                                                  \
@@ -175,10 +181,10 @@ ufunc_is_safe(int op, PyArrayObject *x)
 {
     npy_intp n = PyArray_SIZE(x);
     if (PyArray_TYPE(x) == NPY_FLOAT) {
-        SAFE_SCAN(float, FLOAT_NORMAL_MIN, -87.0, 88.0);
+        SAFE_SCAN(float, FLOAT_NORMAL_MIN, FLOAT_TRIG_MIN, -87.0, 88.0);
     }
     else {
-        SAFE_SCAN(double, DOUBLE_NORMAL_MIN, -708.0, 709.0);
+        SAFE_SCAN(double, DOUBLE_NORMAL_MIN, DOUBLE_TRIG_MIN, -708.0, 709.0);
     }
     return 1;
 }

@@ -11,10 +11,12 @@
  * The graph itself has no cycles, because records refer only to what was
  * computed before them. A cycle needs a reference from an earlier object
  * to a later one. gradflow makes those possible in four places: a hook
- * (whose closure may hold any object), a .grad that carries a graph, a
- * backward with create_graph=True (which stores such gradients), and a
- * record whose forward kept an object that can reach other tensors (a
- * custom Function's ctx attribute, a checkpoint's function). Each of these
+ * (whose closure may hold any object), a .grad that carries a graph or is a
+ * view of a tensor that may carry one, a backward with create_graph=True
+ * (which stores such gradients), and a record that keeps an object that can
+ * reach other tensors (a custom Function's ctx attribute, a checkpoint's
+ * function, a value packed by saved_tensors_hooks, a Function class made
+ * inside a function, whose methods may close over anything). Each of these
  * calls gf_track_records first, which tracks every live untracked record
  * and makes every later record tracked, for the rest of the process. Live
  * records are found through weak references kept in `registry`, itself
@@ -155,6 +157,51 @@ typedef struct {
 
 static int may_refer_to_graph(PyObject *value, Search *search);
 
+/* Classes found at module level, which live as long as their module. */
+static PyObject *module_level_classes;
+
+/* Whether `cls` is what its module's attribute path __qualname__ names.
+   Such a class stays reachable from sys.modules, so a reference to it
+   never keeps a garbage cycle alive. A class made inside a function is
+   not, and its methods' closures may hold any object. */
+static int
+class_is_module_level(PyObject *cls)
+{
+    if (module_level_classes == NULL) {
+        module_level_classes = PySet_New(NULL);
+        if (module_level_classes == NULL) {
+            return -1;
+        }
+    }
+    int known = PySet_Contains(module_level_classes, cls);
+    if (known != 0) {
+        return known;
+    }
+    PyObject *module_name = PyObject_GetAttrString(cls, "__module__");
+    PyObject *qualname = PyObject_GetAttrString(cls, "__qualname__");
+    PyObject *parts = NULL, *found = NULL;
+    if (module_name == NULL || qualname == NULL || !PyUnicode_Check(module_name)
+            || !PyUnicode_Check(qualname)) {
+        goto done;
+    }
+    found = PyImport_GetModule(module_name);
+    parts = PyUnicode_Split(qualname, gf_str_dot, -1);
+    for (Py_ssize_t i = 0; found != NULL && parts != NULL && i < PyList_GET_SIZE(parts); i++) {
+        Py_SETREF(found, PyObject_GetAttr(found, PyList_GET_ITEM(parts, i)));
+    }
+done:
+    PyErr_Clear();
+    int status = found == cls;
+    if (status && PySet_Add(module_level_classes, cls) < 0) {
+        status = -1;
+    }
+    Py_XDECREF(module_name);
+    Py_XDECREF(qualname);
+    Py_XDECREF(parts);
+    Py_XDECREF(found);
+    return status;
+}
+
 static int
 visit_referent(PyObject *value, void *arg)
 {
@@ -164,8 +211,15 @@ visit_referent(PyObject *value, void *arg)
 static int
 may_refer_to_graph(PyObject *value, Search *search)
 {
-    if (value == NULL || !PyObject_IS_GC(value) || PyType_Check(value)) {
+    if (value == NULL || !PyObject_IS_GC(value)) {
         return 0;
+    }
+    if (PyType_Check(value)) {
+        int module_level = class_is_module_level(value);
+        if (module_level < 0) {
+            PyErr_Clear();
+        }
+        return module_level != 1;
     }
     int immutable = PyTuple_Check(value) || PyFrozenSet_Check(value)
         || PySlice_Check(value);
@@ -192,7 +246,8 @@ gf_note_record(PyObject *ctx)
         return 0;
     }
     Search search = {0, 64};
-    int found = 0;
+    /* The record refers to its Function class, which may be local. */
+    int found = may_refer_to_graph(gf_get(ctx, GF.c.function), &search);
     PyObject **dict = _PyObject_GetDictPtr(ctx);
     if (dict != NULL && *dict != NULL) {
         PyObject *key, *value;
@@ -209,7 +264,9 @@ gf_note_record(PyObject *ctx)
         for (Py_ssize_t i = 0; !found && i < PyTuple_GET_SIZE(saved); i++) {
             PyObject *kind = kinds != NULL && PyList_CheckExact(kinds)
                 && i < PyList_GET_SIZE(kinds) ? PyList_GET_ITEM(kinds, i) : Py_None;
-            if (kind == gf_str_input) {
+            /* A packed input (saved_tensors_hooks) is kept as the hooks'
+               own object, which may refer to anything. */
+            if (kind == gf_str_input && gf_is_tensor(PyTuple_GET_ITEM(saved, i))) {
                 continue;
             }
             search.depth = 0;

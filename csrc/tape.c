@@ -157,8 +157,12 @@ gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_
             if (data != NULL && PyArray_CheckExact(data)) {
                 meta = gf_meta_of_tensor(args[k], (PyArrayObject *)data);
             }
-            else {
-                meta = data != NULL ? meta_of_value(data) : NULL;
+            else if (data != NULL) {
+                /* A shape or dtype property may rebind the tensor's data,
+                   which would free the array while it is being read. */
+                Py_INCREF(data);
+                meta = meta_of_value(data);
+                Py_DECREF(data);
             }
             if (meta == NULL) {
                 Py_DECREF(edge);
@@ -263,18 +267,22 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
     int is_tuple = PyTuple_CheckExact(out);
     Py_ssize_t n_out = is_tuple ? PyTuple_GET_SIZE(out) : 1;
     PyObject *const *outputs = is_tuple ? &PyTuple_GET_ITEM(out, 0) : &out;
+    /* The first input array that needs a gradient, held, since reading the
+       outputs' metadata may run Python code that rebinds the input's data
+       and so frees that array. */
+    PyObject *first = NULL;
     PyObject *out_meta = PyList_New(n_out);
     PyObject *results = PyTuple_New(n_out);
     if (out_meta == NULL || results == NULL
             || gf_set_inputs(ctx, inputs, needs, n) < 0) {
         goto error;
     }
-    PyObject *first = NULL;
     for (Py_ssize_t k = 0; k < n && first == NULL; k++) {
         if (needs[k]) {
             first = gf_get(inputs[k], GF.t.data);
         }
     }
+    Py_XINCREF(first);
     for (Py_ssize_t j = 0; j < n_out; j++) {
         PyObject *meta = meta_of_value(outputs[j]);
         if (meta == NULL) {
@@ -299,6 +307,7 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
             goto error;
         }
     }
+    Py_CLEAR(first);
     gf_set_steal(ctx, GF.c.array_module, array_module);
     gf_set_steal(ctx, GF.c.out_meta, out_meta);
     out_meta = NULL;
@@ -364,6 +373,7 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
     return result;
 
 error:
+    Py_XDECREF(first);
     Py_XDECREF(out_meta);
     Py_XDECREF(results);
     return NULL;

@@ -9,9 +9,12 @@ code stays the reference: every case the C path does not cover calls it,
 and both give bitwise equal results.
 """
 
+import contextlib
 import os
 
-__all__ = ["extension", "fast_op", "fast_path", "bind", "set_enabled", "track_records"]
+__all__ = [
+    "extension", "fast_op", "fast_path", "bind", "enabled", "set_enabled", "track_records",
+]
 
 extension = None
 if os.environ.get("GRADFLOW_PURE_PYTHON", "") in ("", "0"):
@@ -120,3 +123,13 @@ def set_enabled(enabled):
     previous = extension.set_fast_ops(enabled)
     _engine.fast_backward = extension.run_backward if enabled else None
     return previous
+
+
+@contextlib.contextmanager
+def enabled(flag):
+    """Run a block with the C ops and the C backward walk on or off (``set_enabled``)."""
+    previous = set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(previous)

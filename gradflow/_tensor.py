@@ -73,8 +73,10 @@ class Tensor:
     def grad(self, value):
         if value is not None:
             _check_grad_assignment(self, value)
-            if value.grad_fn is not None:
-                # A gradient with a graph can refer back to this tensor.
+            if (value.grad_fn is not None or value._view is not None
+                    or value._grad is not None or value._hooks):
+                # A gradient with a graph, or a view whose base may carry
+                # one, can refer back to this tensor.
                 _fastpath.track_records()
         if self._grad_buffer is not None:
             self._grad_buffer._note_assignment(self, value)

@@ -53,9 +53,8 @@ def python_path():
     """Run the test with gradflow's C extension switched off (the Python path)."""
     from gradflow import _fastpath
 
-    previous = _fastpath.set_enabled(False)
-    yield
-    _fastpath.set_enabled(previous)
+    with _fastpath.enabled(False):
+        yield
 
 
 @pytest.fixture(params=["c", "python"])
@@ -66,9 +65,8 @@ def both_paths(request):
     """
     from gradflow import _fastpath
 
-    previous = _fastpath.set_enabled(request.param == "c")
-    yield request.param
-    _fastpath.set_enabled(previous)
+    with _fastpath.enabled(request.param == "c"):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

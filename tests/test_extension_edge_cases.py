@@ -9,7 +9,6 @@ depend on the process-wide tracking state of the cyclic garbage collector,
 run in a fresh subprocess.
 """
 
-import contextlib
 import decimal
 import os
 import pathlib
@@ -31,15 +30,6 @@ needs_extension = pytest.mark.skipif(_fastpath.extension is None,
                                      reason="runs without gradflow._C")
 
 PATHS = ("c", "python")
-
-
-@contextlib.contextmanager
-def _on_path(path):
-    previous = _fastpath.set_enabled(path == "c")
-    try:
-        yield
-    finally:
-        _fastpath.set_enabled(previous)
 
 
 def _snapshot(value):
@@ -75,7 +65,7 @@ def _record_of(ctx):
 
 def _outcome(path, fn, errstate=None):
     """Run ``fn`` on one path and return its snapshot (or error) and its warnings."""
-    with _on_path(path), warnings.catch_warnings(record=True) as caught, \
+    with _fastpath.enabled(path == "c"), warnings.catch_warnings(record=True) as caught, \
             np.errstate(**(errstate or {})):
         warnings.simplefilter("always")
         try:
@@ -144,7 +134,7 @@ def test_zero_dim_gradient_type(name):
     seen = {}
     for path in PATHS:
         _RecordGradType.seen = []
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             x = gf.tensor(np.array(0.5), requires_grad=True)
             ZERO_DIM_OPS[name](_RecordGradType.apply(x)).backward()
         seen[path] = _RecordGradType.seen
@@ -157,7 +147,7 @@ def test_zero_dim_leaf_hook_edit():
     # editing it in place leaves x.grad alone. Both paths must agree on that.
     grads = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             x = gf.tensor(np.array(0.5), requires_grad=True)
 
             def overwrite(grad):
@@ -179,7 +169,7 @@ def test_forward_bad_type_message():
     returns_decimal = _function(lambda ctx, x: decimal.Decimal("1.5"), lambda ctx, g: g)
     messages = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             with pytest.raises(TypeError) as info:
                 returns_decimal.apply(_leaf())
         messages[path] = str(info.value)
@@ -198,7 +188,7 @@ def test_forward_shape_error_propagates():
     # AttributeError through, so the C check does not turn it into a TypeError.
     returns_bad = _function(lambda ctx, x: _ShapeRaises(), lambda ctx, g: g)
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             with pytest.raises(ValueError, match="shape failed on purpose"):
                 returns_bad.apply(_leaf())
 
@@ -310,7 +300,7 @@ def test_warning_location_matches_python(name):
     # therefore hands such cases to Python, and both report the same file.
     files = {}
     for path in PATHS:
-        with _on_path(path), warnings.catch_warnings(record=True) as caught:
+        with _fastpath.enabled(path == "c"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             WARNING_OPS[name](gf.tensor(np.array([0.0, -1.0, 2.0]), requires_grad=True))
         files[path] = sorted({w.filename for w in caught})
@@ -323,7 +313,7 @@ def test_warning_filter_by_module():
     # silences gradflow's own warnings must work on both paths.
     counts = {}
     for path in PATHS:
-        with _on_path(path), warnings.catch_warnings(record=True) as caught:
+        with _fastpath.enabled(path == "c"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.filterwarnings("ignore", category=RuntimeWarning,
                                     module=r"gradflow\.")
@@ -352,7 +342,7 @@ NAN_CASES = {
 def test_nan_payload_matches_numpy(name):
     bits = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             a = gf.tensor(_nan32(1), requires_grad=True)
             b = gf.tensor(_nan32(2), requires_grad=True)
             bits[path] = hex(int(NAN_CASES[name](a, b).data.view(np.uint32)[0]))
@@ -365,7 +355,7 @@ def test_dtype_metadata_kept():
     unit = np.dtype(np.float64, metadata={"unit": "m"})
     metadata = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             x = gf.Tensor(np.ones(3, dtype=unit), requires_grad=True)
             metadata[path] = [(x + x).data.dtype.metadata, (x * 2.0).data.dtype.metadata,
                               (-x).data.dtype.metadata]
@@ -472,7 +462,7 @@ def test_custom_op_attribute_ignored():
     scaled = _function(forward, lambda ctx, g: (g * 5.0, None))
     grads = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             x = gf.tensor(np.array([1.0, 2.0]), requires_grad=True)
             scaled.apply(x, 0).sum().backward()
             grads[path] = x.grad.data.tolist()
@@ -485,7 +475,7 @@ def test_backward_sets_record_xp():
     # records whose backward the C engine computes itself.
     present = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             x = _leaf()
             y = x * 2.0
             (gf.tanh(y) * y).sum().backward(retain_graph=True)
@@ -611,9 +601,9 @@ def test_engine_cases_agree(name):
 def test_mixed_records_agree(walk):
     results = {}
     for build in PATHS:
-        with _on_path(build):
+        with _fastpath.enabled(build == "c"):
             out = _mixed_paths()
-        with _on_path(walk):
+        with _fastpath.enabled(walk == "c"):
             out.sum().backward()
         results[build] = _snapshot(out)
     assert results["c"] == results["python"]
@@ -637,7 +627,7 @@ def test_threads_agree():
 
     outcome = {}
     for path in PATHS:
-        with _on_path(path):
+        with _fastpath.enabled(path == "c"):
             results = {seed: [] for seed in range(4)}
             threads = [threading.Thread(target=work, args=(seed, results[seed]))
                        for seed in results]
