@@ -152,6 +152,9 @@ fi
 run_step "gradflow import" 15 environment.log - "$PYTHON" -c "import sys
 import gradflow as gf, gradflow_kernels
 print('gradflow sees CUDA:', gf.cuda.is_available())
+# Without setuptools and a C compiler the install builds no extension, and
+# gradflow runs its Python path: the GPU figures then carry that overhead.
+print('gradflow C extension:', 'loaded' if gf._fastpath.extension else 'not built')
 sys.exit(0 if gf.cuda.is_available() else 1)" \
     || fail 3 "gradflow cannot use the GPU (see $OUT/environment.log)."
 

@@ -1,6 +1,12 @@
 """Thread settings that the parallel CPU kernels need before their first launch."""
 
 import os
+import sys
+import warnings
+
+# Whether the user chose GOMP_SPINCOUNT before gradflow was imported.
+_USER_SPINCOUNT = "GOMP_SPINCOUNT" in os.environ
+_checked = False
 
 
 def limit_openmp_spinning():
@@ -12,5 +18,35 @@ def limit_openmp_spinning():
     2-core machine an MLP's backward pass measured about 2.5x slower that
     way (benchmarks/RESULTS.md). A value the user has set is kept, and the
     setting takes effect only if the OpenMP runtime has not started yet.
+    When it has (the program launched Numba's OpenMP threads before it
+    imported gradflow), a PerformanceWarning says so, once.
     """
+    global _checked
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
+    if _checked:
+        return
+    _checked = True
+    if not _USER_SPINCOUNT and _openmp_layer_started():
+        from gradflow.errors import PerformanceWarning
+
+        warnings.warn(
+            "Numba's OpenMP threads started before gradflow was imported, so "
+            "they busy-wait between gradflow's parallel CPU kernels and slow "
+            "the NumPy matrix products in between (a 2-core MLP step measured "
+            "about 4x slower). Import gradflow before the first "
+            "numba.set_num_threads() call or parallel Numba function, or set "
+            "GOMP_SPINCOUNT=0 in the environment before Python starts.",
+            PerformanceWarning,
+            stacklevel=2,
+        )
+
+
+def _openmp_layer_started():
+    """Return whether Numba's threading layer already runs on GNU OpenMP."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return False
+    try:
+        return numba.threading_layer() == "omp"
+    except ValueError:  # no threading layer started yet
+        return False
