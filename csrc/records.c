@@ -73,12 +73,21 @@ for_record_containers(PyObject *ctx, void (*fn)(PyObject *))
     fn(ctx);
 }
 
+/* A collection can run inside any allocation of a container object below,
+   and a __del__ it runs may call gf_track_records, which clears `registry`
+   and switches tracking on. Each such allocation is therefore followed by
+   a check of both. */
+
 static int
 prune_registry(void)
 {
     PyObject *live = PyList_New(0);
     if (live == NULL) {
         return -1;
+    }
+    if (registry == NULL) {
+        Py_DECREF(live);
+        return 0;
     }
     PyObject_GC_UnTrack(live);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(registry); i++) {
@@ -102,18 +111,32 @@ gf_untrack_record(PyObject *ctx)
         return 0;
     }
     if (registry == NULL) {
-        registry = PyList_New(0);
-        if (registry == NULL) {
+        PyObject *list = PyList_New(0);
+        if (list == NULL) {
             return -1;
         }
-        PyObject_GC_UnTrack(registry);
+        PyObject_GC_UnTrack(list);
+        if (GF.track_records || registry != NULL) {
+            Py_DECREF(list);
+        }
+        else {
+            registry = list;
+        }
     }
-    if (PyList_GET_SIZE(registry) >= registry_limit && prune_registry() < 0) {
+    if (!GF.track_records && PyList_GET_SIZE(registry) >= registry_limit
+            && prune_registry() < 0) {
         return -1;
+    }
+    if (GF.track_records) {
+        return 0;
     }
     PyObject *ref = PyWeakref_NewRef(ctx, NULL);
     if (ref == NULL) {
         return -1;
+    }
+    if (GF.track_records) {
+        Py_DECREF(ref);
+        return 0;
     }
     /* Without a callback the reference refers to nothing that could cycle. */
     untrack(ref);
@@ -157,8 +180,28 @@ typedef struct {
 
 static int may_refer_to_graph(PyObject *value, Search *search);
 
-/* Classes found at module level, which live as long as their module. */
+/* Classes found at module level: id(class) -> a weak reference to the
+   class, whose callback removes the entry, so that the cache keeps no
+   class alive (a class of a reloaded module, or one redefined in a
+   notebook, can still be freed). */
 static PyObject *module_level_classes;
+
+static PyObject *
+forget_class(PyObject *key, PyObject *ref)
+{
+    if (module_level_classes != NULL) {
+        PyObject *entry = PyDict_GetItemWithError(module_level_classes, key);
+        if (entry == ref && PyDict_DelItem(module_level_classes, key) < 0) {
+            return NULL;
+        }
+        if (entry == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef forget_class_def = {"forget_class", forget_class, METH_O, NULL};
 
 /* Whether `cls` is what its module's attribute path __qualname__ names.
    Such a class stays reachable from sys.modules, so a reference to it
@@ -168,14 +211,23 @@ static int
 class_is_module_level(PyObject *cls)
 {
     if (module_level_classes == NULL) {
-        module_level_classes = PySet_New(NULL);
+        module_level_classes = PyDict_New();
         if (module_level_classes == NULL) {
             return -1;
         }
     }
-    int known = PySet_Contains(module_level_classes, cls);
-    if (known != 0) {
-        return known;
+    PyObject *key = PyLong_FromVoidPtr(cls);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *entry = PyDict_GetItemWithError(module_level_classes, key);
+    if (entry != NULL && PyWeakref_GET_OBJECT(entry) == cls) {
+        Py_DECREF(key);
+        return 1;
+    }
+    if (entry == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
     }
     PyObject *module_name = PyObject_GetAttrString(cls, "__module__");
     PyObject *qualname = PyObject_GetAttrString(cls, "__qualname__");
@@ -192,9 +244,16 @@ class_is_module_level(PyObject *cls)
 done:
     PyErr_Clear();
     int status = found == cls;
-    if (status && PySet_Add(module_level_classes, cls) < 0) {
-        status = -1;
+    if (status) {
+        PyObject *callback = PyCFunction_New(&forget_class_def, key);
+        PyObject *ref = callback != NULL ? PyWeakref_NewRef(cls, callback) : NULL;
+        if (ref == NULL || PyDict_SetItem(module_level_classes, key, ref) < 0) {
+            status = -1;
+        }
+        Py_XDECREF(callback);
+        Py_XDECREF(ref);
     }
+    Py_DECREF(key);
     Py_XDECREF(module_name);
     Py_XDECREF(qualname);
     Py_XDECREF(parts);
@@ -221,8 +280,17 @@ may_refer_to_graph(PyObject *value, Search *search)
         }
         return module_level != 1;
     }
-    int immutable = PyTuple_Check(value) || PyFrozenSet_Check(value)
+    /* Exact tuples and frozensets count as immutable, and so do subclasses
+       that add no attributes (a namedtuple). A subclass with a __dict__ or
+       slots does not, because it can be given a later tensor after this
+       check. */
+    PyTypeObject *type = Py_TYPE(value);
+    int immutable = PyTuple_CheckExact(value) || PyFrozenSet_CheckExact(value)
         || PySlice_Check(value);
+    if (!immutable && (PyTuple_Check(value) || PyFrozenSet_Check(value))) {
+        PyTypeObject *base = PyTuple_Check(value) ? &PyTuple_Type : &PyFrozenSet_Type;
+        immutable = type->tp_dictoffset == 0 && type->tp_basicsize == base->tp_basicsize;
+    }
     for (Py_ssize_t i = 0; !immutable && i < PyTuple_GET_SIZE(GF.inert_types); i++) {
         immutable = Py_IS_TYPE(value, (PyTypeObject *)PyTuple_GET_ITEM(GF.inert_types, i));
     }
