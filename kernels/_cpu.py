@@ -339,24 +339,7 @@ FLOAT32_LOOPS = {
 }
 
 
-# erfc(z) = t * exp(P(t) - z * z) with t = 1 / (1 + z / 2), for 0 <= z <= 11,
-# where P, of degree 12 in t, is a least-squares fit to log(erfc(z) / t) + z * z
-# on 220,001 evenly spaced z (float64 erfc as the reference), within 5e-10
-# relative of erfc there. Above 11, erfc(z) < 2e-54 and x * Phi(x) rounds
-# to zero in float32 for every x, so the tail is taken as 0.
-_ERFC_FIT = (
-    -1.2655050527781007, 0.9997500908242455, 0.37893505661434507,
-    0.04682992527548215, 0.13621412652744708, -1.0773171815841713,
-    2.6789063952756456, -5.786054387741642, 8.584865605686694,
-    -7.925268142088319, 4.424774102894597, -1.3836340786222234,
-    0.18750354018449197,
-)
-_ERFC_FIT_END = 11.0
 _LOG2E = 1.0 / math.log(2.0)
-# ln 2 split in two (Cody and Waite) so that n * _LN2_HI is exact.
-_LN2_HI = 0.693145751953125
-_LN2_LO = math.log(2.0) - 0.693145751953125
-_INV_FACTORIALS = tuple(1.0 / math.factorial(k) for k in range(12))
 
 
 @intrinsic
@@ -371,34 +354,113 @@ def _float64_from_bits(typingctx, bits):
     return types.float64(bits), codegen
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _exp_float64(y):
-    # exp(y) for -700 <= y <= 0 as 2**n * exp(r), |r| <= ln(2) / 2, where a
-    # degree-11 Taylor polynomial is within 1e-14 relative. Arithmetic only,
-    # so that the loops calling it vectorize.
-    n = np.floor(y * _LOG2E + 0.5)
-    r = (y - n * _LN2_HI) - n * _LN2_LO
-    p = _horner(_INV_FACTORIALS, r)
-    return p * _float64_from_bits((np.int64(n) + 1023) << 52)
+# The float32 GELU forward below computes GELU(x) = x * Phi(x) in float64 from
+# h(a) = Phi(-a) = erfc(a / sqrt 2) / 2 with a = |x|, as
+#     h(a) = t * exp(Q(t) - a * a / 2) / 2,   t = 1 / (1 + 0.32 * a),
+# for 0 <= a <= 15. Q, of degree 9 in t, fits log(erfcx(a / sqrt 2) / t), and
+# its error is the relative error of h. The fit is Lawson's iteratively
+# reweighted least squares (numpy.linalg.lstsq in a Chebyshev basis on the
+# t range, converted to monomials) on 60,001 evenly spaced a in [0, 15], with
+# scipy.special.erfcx (SciPy 1.17, float64) as the reference. The error is
+# below 8.9e-9 for a <= 13.1. For x < -13.1, |GELU(x)| < 2**-126 and the
+# float32 result is subnormal, with a fixed ulp of 2**-149, so the fit weights
+# the error by 1 / max(1, 2**-126 / (a * h(a))) and lets it grow to 9.2e-8 at
+# a = 15. Above a = 15, h < 4e-51, so GELU(x) rounds to -0 in float32 for
+# finite x < 0 and to x for x > 0, and h is taken as 0. The scale 0.32
+# minimizes the error for degree 9 (scanned from 0.18 to 0.39).
+_GELU_TAIL_SCALE = 0.32
+_F32_GELU_TAIL_SCALE = np.float32(_GELU_TAIL_SCALE)
+_GELU_TAIL_FIT = (
+    -1.3653339012706347, 1.0026685591153004, 0.36913585923485565,
+    0.3010593398398557, -0.6856596071495848, 1.503723386826772,
+    -2.630675736070913, 2.3697508411552084, -1.0511120523031996,
+    0.1864433195008685,
+)
+_GELU_TAIL_END = 15.0
+# exp(r) for |r| <= 1.001 * ln(2) / 2, of degree 6, within 1.9e-9 relative:
+# the same reweighted least-squares fit, on 20,001 evenly spaced r.
+_EXP_FIT = (
+    1.0000000005586112, 1.0000000365402524, 0.49999992032192203,
+    0.1666641918519491, 0.04166823180157375, 0.008374898797009022,
+    0.0013836743604192733,
+)
+_LN2 = math.log(2.0)
+# Adding 1.5 * 2**52 rounds a float64 of magnitude below 2**51 to an integer
+# m, whose bits are then those of the shift plus m. The extra 1022 puts the
+# float64 exponent bias, less one, into the low bits (see _half_exp_float64).
+_EXP_ROUND_SHIFT = 1.5 * 2.0**52 + 1022.0
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _erfc_fit(z):
-    # erfc(z) for z >= 0 (NaN for NaN) from _ERFC_FIT, without library calls.
-    beyond = z > _ERFC_FIT_END
-    z = _ERFC_FIT_END if beyond else z
-    t = 1.0 / (1.0 + 0.5 * z)
-    p = _horner(_ERFC_FIT, t)
-    tail = t * _exp_float64(p - z * z)
-    return 0.0 if beyond else tail
+@intrinsic
+def _float64_to_bits(typingctx, value):
+    # The 64 bits of the float64 ``value``, reinterpreted as an int64.
+    if not isinstance(value, types.Float) or value.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(value), codegen
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
+# The helpers of the float32 GELU forward allow LLVM to contract a multiply
+# and an add into one FMA (fastmath={"contract"}, which changes no NaN, Inf
+# or signed-zero behavior). That halves the instruction count of the
+# polynomials. Each fused step rounds once instead of twice, and the error
+# bounds above hold with or without FMA.
+@numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _horner_fma(coefficients, x):
+    # _horner, with each step allowed to become one FMA.
+    p = coefficients[-1]
+    for k in range(len(coefficients) - 2, -1, -1):
+        p = p * x + coefficients[k]
+    return p
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _half_exp_float64(y):
+    # exp(y) / 2 for -707 <= y <= 700 as 2**(n - 1) * exp(r), with
+    # n = round(y / ln 2) and |r| <= ln(2) / 2, within 1.9e-9 relative (the
+    # error of _EXP_FIT). Because |n| <= 1020, r has an absolute error below
+    # 2e-13 without a Cody-Waite split of ln 2.
+    shifted = y * _LOG2E + _EXP_ROUND_SHIFT
+    n = shifted - _EXP_ROUND_SHIFT
+    r = y - n * _LN2
+    # The low 12 bits of ``shifted`` hold n + 1022, between 2 and 2032, so
+    # shifting them into the sign and exponent fields gives 2**(n - 1). This
+    # replaces a floor and a float-to-int conversion.
+    scale = _float64_from_bits(_float64_to_bits(shifted) << 52)
+    return _horner_fma(_EXP_FIT, r) * scale
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _gelu_half_tail_float64(x):
+    # h(|x|) = Phi(-|x|) of the float32 x, as described above _GELU_TAIL_FIT,
+    # with a relative error below 1.1e-8 for |x| <= 13.1. It is 0 for
+    # |x| > 15 (Inf included) and NaN for NaN.
+    a = abs(np.float64(x))
+    # t = 1 / d from a float32 estimate and one Newton step, which squares
+    # the estimate's relative error of about 1e-7. The float32 division made
+    # the loop about 5% faster than a float64 one on an AVX-512 Xeon.
+    d = 1.0 + _GELU_TAIL_SCALE * a
+    t = np.float64(_F32_ONE / (_F32_ONE + _F32_GELU_TAIL_SCALE * abs(x)))
+    t = t + t * (1.0 - d * t)
+    # a * a is exact in float64 because a has a 24-bit significand.
+    y = _horner_fma(_GELU_TAIL_FIT, t) - 0.5 * (a * a)
+    half_tail = t * _half_exp_float64(y)
+    return 0.0 if a > _GELU_TAIL_END else half_tail
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _gelu_forward_float32_loop(x, out):
-    # Computed in float64 and rounded once, with arithmetic only, so it vectorizes.
+    # Computed in float64 and rounded once, with arithmetic only, so it
+    # vectorizes. The error of h adds at most 1.1e-8 * 2**24 = 0.18 ulp to
+    # the rounding, so every result is within 0.7 float32 ulp of x * Phi(x).
+    # A check of all 2**32 float32 inputs against scipy.special.erfc measured
+    # at most 0.68 ulp on an AVX-512 Xeon, with FMA contraction on and off.
     for i in numba.prange(x.size):
         v = np.float64(x[i])
-        half_tail = 0.5 * _erfc_fit(abs(v) * INV_SQRT_2)
+        half_tail = _gelu_half_tail_float64(x[i])
         cdf = 1.0 - half_tail if v >= 0 else half_tail
         out[i] = v * cdf
 

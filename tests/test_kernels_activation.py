@@ -447,3 +447,43 @@ def test_gelu_forward_float32_special_values():
     assert np.signbit(out[3])
     assert out[6] == np.float32(5e-41)
     assert out[7] == 0.0
+
+
+def _float32_grid(low, high, stride):
+    """Return every ``stride``-th float32 from ``low`` to ``high``, for 0 <= low < high."""
+    first = int(np.float32(low).view(np.uint32))
+    last = int(np.float32(high).view(np.uint32))
+    return np.arange(first, last + 1, stride, dtype=np.uint32).view(np.float32)
+
+
+# Magnitude intervals and strides between float32 bit patterns, about 6
+# million inputs for each sign in all.
+_GELU_DENSE_GRIDS = {
+    # To past the cutoff at |x| = 15. Negative results are float32
+    # subnormals for |x| > 13.1 and round to zero for |x| > 14.4.
+    "tail": (8.0, 16.0, 4),
+    "middle": (1.0, 8.0, 16),
+    # Down to tiny |x|, where Phi(x) is near 1/2 on both sides of the switch
+    # between Phi(x) = 1 - h and Phi(x) = h at 0.
+    "near_zero": (2.0**-30, 1.0, 128),
+    # Every float32 around the cutoff, above which the tail is taken as 0.
+    "cutoff": (14.9, 15.1, 1),
+    "subnormal": (0.0, 2.0**-126, 64),
+}
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+@pytest.mark.parametrize("grid", sorted(_GELU_DENSE_GRIDS))
+def test_gelu_forward_float32_dense_grid(grid, sign):
+    pytest.importorskip("scipy")
+    from gradflow_kernels import _cpu
+
+    x = np.float32(sign) * _float32_grid(*_GELU_DENSE_GRIDS[grid])
+    out = np.empty_like(x)
+    _cpu._gelu_forward_float32_loop(x, out)
+    reference = _gelu_reference(x)
+    ulp = np.spacing(np.abs(reference.astype(np.float32))).astype(np.float64)
+    error = np.abs(out.astype(np.float64) - reference) / ulp
+    worst = int(np.argmax(error))
+    assert error[worst] <= 1.0, f"{error[worst]:.3f} ulp at x = {x[worst]!r}"
+    assert np.all(np.signbit(out) == np.signbit(x))
