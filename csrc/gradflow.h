@@ -90,6 +90,7 @@ extern PyObject *gf_str_forward;
 extern PyObject *gf_str_release;
 extern PyObject *gf_str_anomaly_hook;
 extern PyObject *gf_str_dot;        /* "." */
+extern PyObject *gf_str_gradflow_prefix; /* "gradflow." */
 extern PyObject *gf_empty_tuple;
 extern PyObject *gf_needs[3][3];    /* (True,), (True, False), ... by count */
 

@@ -12,6 +12,7 @@ PyObject *gf_str_forward;
 PyObject *gf_str_release;
 PyObject *gf_str_anomaly_hook;
 PyObject *gf_str_dot;
+PyObject *gf_str_gradflow_prefix;
 PyObject *gf_empty_tuple;
 PyObject *gf_needs[3][3];
 
@@ -280,6 +281,7 @@ make_constants(void)
     gf_str_release = PyUnicode_InternFromString("release");
     gf_str_anomaly_hook = PyUnicode_InternFromString("anomaly_hook");
     gf_str_dot = PyUnicode_InternFromString(".");
+    gf_str_gradflow_prefix = PyUnicode_InternFromString("gradflow.");
     gf_empty_tuple = PyTuple_New(0);
     /* needs_input_grad of a recorded op: (True,) for one input; for two,
        (True, True), (True, False) and (False, True). */
@@ -288,7 +290,7 @@ make_constants(void)
     gf_needs[2][1] = PyTuple_Pack(2, Py_True, Py_False);
     gf_needs[2][2] = PyTuple_Pack(2, Py_False, Py_True);
     return (gf_str_input && gf_str_backward && gf_str_forward && gf_str_release && gf_str_anomaly_hook
-            && gf_str_dot && gf_empty_tuple && gf_needs[1][0] && gf_needs[2][0] && gf_needs[2][1]
+            && gf_str_dot && gf_str_gradflow_prefix && gf_empty_tuple && gf_needs[1][0] && gf_needs[2][0] && gf_needs[2][1]
             && gf_needs[2][2]) ? 0 : -1;
 }
 

@@ -46,12 +46,6 @@ fast_array(PyObject *tensor)
     if (!gf_is_tensor(tensor)) {
         return NULL;
     }
-    /* A subclass instance with a __dict__ can refer to later tensors (a
-       cycle through the untracked record), so it takes the Python path,
-       whose records the collector sees. */
-    if (Py_TYPE(tensor) != GF.tensor_type && Py_TYPE(tensor)->tp_dictoffset != 0) {
-        return NULL;
-    }
     PyObject *data = gf_get(tensor, GF.t.data);
     if (data == NULL || !PyArray_CheckExact(data)
             || !gf_loop_fits((PyArrayObject *)data) || !gf_view_is_current(tensor)) {

@@ -11,19 +11,21 @@
  * The graph itself has no cycles, because records refer only to what was
  * computed before them. A cycle needs a reference from an earlier object
  * to a later one. gradflow makes those possible in four places: a hook
- * (whose closure may hold any object), a .grad that carries a graph or is a
- * view of a tensor that may carry one, a backward with create_graph=True
- * (which stores such gradients), and a record that keeps an object that can
- * reach other tensors (a custom Function's ctx attribute, a checkpoint's
- * function, a value packed by saved_tensors_hooks, a Function class made
- * inside a function, whose methods may close over anything). Each of these
+ * (whose closure may hold any object), a .grad that carries a graph, is a
+ * view of a tensor that may carry one or can be given attributes, a
+ * backward with create_graph=True (which stores such gradients), and a
+ * record that keeps an object that can reach other tensors (a custom
+ * Function's ctx attribute, a checkpoint's function, a value packed by
+ * saved_tensors_hooks, a Function class that is not gradflow's own, a
+ * Tensor subclass instance that can be given attributes). Each of these
  * calls gf_track_records first, which tracks every live untracked record
  * and makes every later record tracked, for the rest of the process. Live
  * records are found through weak references kept in `registry`, itself
  * untracked, and pruned of dead entries as it grows.
  *
  * NOTE: an attribute that user code sets on a record after it was made
- * (t.grad_fn.x = y) is not checked; a cycle through it leaks.
+ * (t.grad_fn.x = y), or an object with attributes assigned to a leaf's
+ * .data, is not checked; a cycle through it leaks.
  */
 #include "gradflow.h"
 
@@ -104,11 +106,51 @@ prune_registry(void)
 
 /* Take a new record out of the collector's view, unless records are
    tracked by now. */
+/* Whether `obj` is a Tensor that can be given attributes after a record
+   refers to it: an instance of a subclass with a __dict__ or slots of its
+   own. Such a leaf can later refer to a result computed from it. */
+static int
+tensor_takes_attributes(PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    return type != GF.tensor_type && gf_is_tensor(obj)
+        && (type->tp_dictoffset != 0 || type->tp_basicsize != GF.tensor_type->tp_basicsize);
+}
+
+/* Whether a record refers to such a Tensor: a leaf input (its edge) or a
+   saved input. */
+static int
+refers_to_open_tensor(PyObject *ctx)
+{
+    PyObject *edges = gf_get(ctx, GF.c.edges);
+    if (edges != NULL && PyList_CheckExact(edges)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(edges); i++) {
+            if (tensor_takes_attributes(PyList_GET_ITEM(edges, i))) {
+                return 1;
+            }
+        }
+    }
+    PyObject *saved = gf_get(ctx, GF.c.saved);
+    if (saved != NULL && PyTuple_CheckExact(saved)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(saved); i++) {
+            if (tensor_takes_attributes(PyTuple_GET_ITEM(saved, i))) {
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 int
 gf_untrack_record(PyObject *ctx)
 {
     if (GF.track_records) {
         return 0;
+    }
+    if (refers_to_open_tensor(ctx)) {
+        PyObject *r = gf_track_records(NULL, NULL);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
     }
     if (registry == NULL) {
         PyObject *list = PyList_New(0);
@@ -180,10 +222,9 @@ typedef struct {
 
 static int may_refer_to_graph(PyObject *value, Search *search);
 
-/* Classes found at module level: id(class) -> a weak reference to the
-   class, whose callback removes the entry, so that the cache keeps no
-   class alive (a class of a reloaded module, or one redefined in a
-   notebook, can still be freed). */
+/* gradflow's module-level classes found so far: id(class) -> a weak
+   reference to the class, whose callback removes the entry, so that the
+   cache keeps no class alive. */
 static PyObject *module_level_classes;
 
 static PyObject *
@@ -203,12 +244,14 @@ forget_class(PyObject *key, PyObject *ref)
 
 static PyMethodDef forget_class_def = {"forget_class", forget_class, METH_O, NULL};
 
-/* Whether `cls` is what its module's attribute path __qualname__ names.
-   Such a class stays reachable from sys.modules, so a reference to it
-   never keeps a garbage cycle alive. A class made inside a function is
-   not, and its methods' closures may hold any object. */
+/* Whether `cls` is one of gradflow's own module-level classes: what the
+   attribute path __qualname__ names in a gradflow module. Those stay
+   reachable from sys.modules, so a reference to one never keeps a garbage
+   cycle alive. Any other class may: one made inside a function can close
+   over any object, and one of the user's modules can be deleted from it,
+   or reloaded, and then be given attributes. */
 static int
-class_is_module_level(PyObject *cls)
+class_is_gradflows(PyObject *cls)
 {
     if (module_level_classes == NULL) {
         module_level_classes = PyDict_New();
@@ -234,6 +277,10 @@ class_is_module_level(PyObject *cls)
     PyObject *parts = NULL, *found = NULL;
     if (module_name == NULL || qualname == NULL || !PyUnicode_Check(module_name)
             || !PyUnicode_Check(qualname)) {
+        goto done;
+    }
+    if (PyUnicode_CompareWithASCIIString(module_name, "gradflow") != 0
+            && PyUnicode_Tailmatch(module_name, gf_str_gradflow_prefix, 0, PY_SSIZE_T_MAX, -1) != 1) {
         goto done;
     }
     found = PyImport_GetModule(module_name);
@@ -274,11 +321,17 @@ may_refer_to_graph(PyObject *value, Search *search)
         return 0;
     }
     if (PyType_Check(value)) {
-        int module_level = class_is_module_level(value);
-        if (module_level < 0) {
+        /* A static or immutable type (float, NumPy's scalar types) takes no
+           attributes and closes over nothing. */
+        unsigned long flags = ((PyTypeObject *)value)->tp_flags;
+        if (!(flags & Py_TPFLAGS_HEAPTYPE) || (flags & Py_TPFLAGS_IMMUTABLETYPE)) {
+            return 0;
+        }
+        int ours = class_is_gradflows(value);
+        if (ours < 0) {
             PyErr_Clear();
         }
-        return module_level != 1;
+        return ours != 1;
     }
     /* Exact tuples and frozensets count as immutable, and so do subclasses
        that add no attributes (a namedtuple). A subclass with a __dict__ or
@@ -314,8 +367,9 @@ gf_note_record(PyObject *ctx)
         return 0;
     }
     Search search = {0, 64};
-    /* The record refers to its Function class, which may be local. */
-    int found = may_refer_to_graph(gf_get(ctx, GF.c.function), &search);
+    /* The record refers to its Function class, which may be the user's. */
+    int found = refers_to_open_tensor(ctx)
+        || may_refer_to_graph(gf_get(ctx, GF.c.function), &search);
     PyObject **dict = _PyObject_GetDictPtr(ctx);
     if (dict != NULL && *dict != NULL) {
         PyObject *key, *value;

@@ -74,9 +74,11 @@ class Tensor:
         if value is not None:
             _check_grad_assignment(self, value)
             if (value.grad_fn is not None or value._view is not None
-                    or value._grad is not None or value._hooks):
-                # A gradient with a graph, or a view whose base may carry
-                # one, can refer back to this tensor.
+                    or value._grad is not None or value._hooks
+                    or _takes_attributes(value)):
+                # A gradient with a graph, a view whose base may carry one,
+                # or a subclass instance that can be given attributes can
+                # refer back to this tensor.
                 _fastpath.track_records()
         if self._grad_buffer is not None:
             self._grad_buffer._note_assignment(self, value)
@@ -438,6 +440,14 @@ def make_tensor(data, grad_fn=None, out_index=0):
     t._view = None
     t._grad_buffer = None
     return t
+
+
+def _takes_attributes(t):
+    """Whether ``t`` is a Tensor subclass instance that can be given attributes."""
+    cls = type(t)
+    return cls is not Tensor and (
+        hasattr(t, "__dict__") or cls.__basicsize__ != Tensor.__basicsize__
+    )
 
 
 def _check_grad_assignment(t, value):

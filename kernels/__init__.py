@@ -99,7 +99,7 @@ def fused_activation_forward(name, x):
     The exact GELU is computed in float64 from erfc and rounded once, which
     is more accurate than the array expression (erf, then three products),
     whose 1 + erf(x) cancels for negative x. For float32 the erfc is a
-    fitted formula of arithmetic only (within 5e-10 relative, so results
+    fitted formula of arithmetic only (within 1.1e-8 relative, so results
     stay within one float32 ulp), because the C library's erfc is a scalar
     call per element that the loop cannot vectorize.
     None means that the caller's array expression is the better choice:

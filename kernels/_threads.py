@@ -4,8 +4,11 @@ import os
 import sys
 import warnings
 
-# Whether the user chose GOMP_SPINCOUNT before gradflow was imported.
-_USER_SPINCOUNT = "GOMP_SPINCOUNT" in os.environ
+# Whether the user chose how OpenMP workers wait before gradflow was
+# imported: a spin count of their own, or the passive wait policy, under
+# which GNU OpenMP does not spin at all.
+_USER_WAIT_SETTING = ("GOMP_SPINCOUNT" in os.environ
+                      or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE")
 _checked = False
 
 
@@ -26,7 +29,7 @@ def limit_openmp_spinning():
     if _checked:
         return
     _checked = True
-    if not _USER_SPINCOUNT and _openmp_layer_started():
+    if not _USER_WAIT_SETTING and _openmp_layer_started():
         from gradflow.errors import PerformanceWarning
 
         warnings.warn(
