@@ -443,7 +443,7 @@ def make_tensor(data, grad_fn=None, out_index=0):
 
 
 def _takes_attributes(t):
-    """Whether ``t`` is a Tensor subclass instance that can be given attributes."""
+    """Return whether ``t`` is a Tensor subclass instance that can be given attributes."""
     cls = type(t)
     return cls is not Tensor and (
         hasattr(t, "__dict__") or cls.__basicsize__ != Tensor.__basicsize__

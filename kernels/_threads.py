@@ -22,7 +22,7 @@ def limit_openmp_spinning():
     way (benchmarks/RESULTS.md). A value the user has set is kept, and the
     setting takes effect only if the OpenMP runtime has not started yet.
     When it has (the program launched Numba's OpenMP threads before it
-    imported gradflow), a PerformanceWarning says so, once.
+    imported gradflow), it issues a PerformanceWarning, once.
     """
     global _checked
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
