@@ -312,7 +312,7 @@ edge_parent(PyObject *edge, PyObject **parent, PyObject **index)
 
 /* For every record reachable from the buffered roots, count the edges that
    lead to it (the Python walk's _count_dependencies). Returns 1, before any
-   backward has run, when the graph holds a node that is not a record, which
+   backward has run, when the graph contains a node that is not a record, which
    the Python walk handles (or rejects with its own error). */
 static int
 count_dependencies(Walk *w)

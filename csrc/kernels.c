@@ -11,7 +11,7 @@
  * invalid, underflow) as np.errstate sets. A loop that raises any of them
  * discards its result and returns NULL without an error set, and the caller
  * takes the Python path, where NumPy reports the exception from gradflow's
- * own code. A loop whose result holds a NaN does the same, because which
+ * own code. A loop whose result contains a NaN does the same, because which
  * input NaN's payload an operation keeps is up to the instruction order,
  * which the compiler may change.
  */

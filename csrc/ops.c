@@ -1,9 +1,9 @@
 /* Fast elementwise ops: gf.add, gf.tanh, Tensor.__mul__ and their kin.
  *
- * A FastOp wraps the Python function of an op. When its arguments are CPU
- * tensors of float32 or float64 (or such a tensor and a Python float or
- * int), and no hook needs to see each op, it runs the forward and records the
- * op here; anything else calls the Python function, which stays the
+ * A FastOp wraps the Python function of an op. It runs the forward and
+ * records the op here when its arguments are CPU tensors of float32 or
+ * float64 (or such a tensor and a Python float or int) and no hook needs to
+ * see each op. Anything else calls the Python function, which stays the
  * reference. The record is the one Function.apply would leave: the same
  * Function class, edges, metadata, saved values, saved kinds and version
  * entries, so the Python engine, hooks and create_graph handle it as any
@@ -103,8 +103,9 @@ hooks_allow(int requires, int record)
 
 /* -- forward ---------------------------------------------------------------- */
 
-/* The functions below return a new reference; NULL with an exception set on
-   error; or NULL with none when the op must take the Python path. */
+/* The functions below return a new reference. They return NULL with an
+   exception set on error, and NULL without one when the op must take the
+   Python path. */
 
 /* `a op b` for two arrays of one layout, or an array and a Python number. */
 static PyObject *
@@ -140,11 +141,11 @@ binary_value(int op, PyObject *a, PyObject *b)
 #define DOUBLE_TRIG_MIN 1e-150
 
 /* Whether NumPy's ufunc computes `op` on `x` without a floating-point
-   exception, and so has no warning to report from here: exp stays in range
-   and sees no subnormal argument, log gets only positive and sqrt only
-   non-negative arguments, tanh sees no subnormal argument, and sin and cos
-   see nothing tiny (below TRIG_MIN), huge or infinite. A NaN fails every
-   test. The bounds are a little inside the exact ones. */
+   exception, and so has no warning to report from here. The arguments must
+   be in range and not subnormal for exp, positive for log, non-negative for
+   sqrt, not subnormal for tanh, and neither tiny (below TRIG_MIN), huge nor
+   infinite for sin and cos. A NaN fails every test. The bounds are a little
+   inside the exact ones. */
 #define SAFE_SCAN(T, NORMAL_MIN, TRIG_MIN, EXP_LOW, EXP_HIGH)           \
     do {                                                                \
         const T *v = (const T *)PyArray_DATA(x);                        \

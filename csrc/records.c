@@ -209,12 +209,13 @@ gf_track_records(PyObject *self, PyObject *unused)
 
 /* Whether `value` may refer to a tensor or record, now or later, so that it
    could close a cycle. Values that refer to no container (numbers, strings,
-   arrays, dtypes) cannot, and neither can classes. Tuples, frozensets,
-   slices and instances of the bookkeeping classes that gradflow.bind()
-   names (devices, window geometry) cannot when nothing they refer to can;
-   their referents are inspected through the collector's own tp_traverse, up
-   to `budget` objects. Any other object can: a list or dict may be filled
-   later, and a function or module may reach anything. */
+   arrays, dtypes) cannot, and neither can static or immutable types and
+   gradflow's own classes. Tuples, frozensets, slices and instances of the
+   bookkeeping classes that gradflow.bind() names (devices, window geometry)
+   cannot when nothing they refer to can. Their referents are inspected
+   through the collector's own tp_traverse, up to `budget` objects. Any other
+   object can, because a list or dict may be filled later, and a function, a
+   module or a user's class may reach anything. */
 typedef struct {
     int depth;
     int budget;

@@ -1,19 +1,15 @@
-"""Robustness of the C extension (gradflow._C) beyond the two earlier test files.
+"""Lifetimes, re-entrant Python code and floating-point state on the C path.
 
-tests/test_extension.py and tests/test_extension_edge_cases.py compare the
-C path with the Python path for values, records, warnings and errors. This
-file adds cases they leave out: reference cycles that reach fast-op records
-by other routes than hooks and ctx attributes, Python code that runs inside
-the C bookkeeping of Function.apply, floating-point exceptions that the
-pre-scan of the unary ops lets through, and reference counts over many
-calls. Lifetime and crash cases run in a fresh interpreter, because the
-cyclic collector's tracking of records is process-wide and one-way.
+test_extension.py and test_extension_edge_cases.py compare the C path
+(gradflow._C) with the Python path for values, records, warnings and
+errors. This file covers four more things. Reference cycles reach
+fast-op records through saved_tensors_hooks, local Function classes and
+.grad views. Python code rebinds a tensor's array while Function.apply
+records it. NumPy reports underflows for tiny arguments. The MXCSR state
+after the C loops must leave NumPy's own reporting intact. Lifetime and crash cases run in a fresh interpreter,
+because record tracking is process-wide and one-way.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 import traceback
 import warnings
@@ -22,20 +18,13 @@ import numpy as np
 import pytest
 
 import gradflow as gf
+from fresh_python import output_lines, run_python
 from gradflow import _fastpath
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(_fastpath.extension is None,
                                 reason="runs without gradflow._C")
 
 PATHS = ("c", "python")
-
-
-def _run_script(body, env=None):
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
-        text=True, timeout=120, cwd=ROOT, env=dict(os.environ, **(env or {})),
-    )
 
 
 # -- reference cycles through fast-op records ---------------------------------------
@@ -66,7 +55,7 @@ for path in ("c", "python"):
 def _lifetimes(body):
     """Return the script's report lines, one per path."""
     script = _LIFETIME_SCRIPT.format(body=textwrap.dedent(body))
-    result = _run_script(script)
+    result = run_python(script)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.split("\n")
 
@@ -192,7 +181,7 @@ REBINDING_SCRIPTS = {
 
 @pytest.mark.parametrize("name", sorted(REBINDING_SCRIPTS))
 def test_apply_array_freed_while_recording(name):
-    result = _run_script(textwrap.dedent("""
+    result = run_python(textwrap.dedent("""
         import numpy as np
         import gradflow as gf
         from gradflow import _fastpath
@@ -205,7 +194,7 @@ def test_apply_array_freed_while_recording(name):
             holder["x"] = x
             record = Op.apply(x).grad_fn
             print(path, record.array_module.__name__, record.input_meta, flush=True)
-    """), env={"PYTHONMALLOC": "debug"})
+    """), PYTHONMALLOC="debug")
     lines = result.stdout.split("\n")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(lines) >= 2
@@ -251,3 +240,50 @@ def test_underflow_reported_from_gradflow(name):
                               _underflow_outcome(name, "raise")[1])
     assert outcomes["c"][0] == outcomes["python"][0]
     assert outcomes["c"][1] == outcomes["python"][1]
+
+
+# -- floating-point state after the C loops --------------------------------------
+
+_MXCSR_CONTROL = """
+import warnings
+import numpy as np
+import gradflow as gf
+from gradflow import _fastpath
+
+# Leave the SSE overflow flag set, as an ignored NumPy overflow does.
+with np.errstate(all="ignore"):
+    np.array([3e38], np.float32) * np.float32(10.0)
+
+with _fastpath.enabled(True), np.errstate(all="raise"):
+    x = gf.tensor(np.array([1.0, 2.0, 3.0], np.float32), requires_grad=True)
+    y = gf.tanh(x * 2.0 + 1.0) / (x - 0.5)
+    y.backward(gf.tensor(np.ones(3, np.float32)))
+    z = x * 1e38
+    with np.errstate(over="ignore"):
+        z = z * 10.0
+
+subnormal = np.array([1e-40], np.float32) * np.float32(1.0)
+halved = np.array([2.0 ** -1022], np.float64) / 4.0
+print("subnormal kept", subnormal[0] != 0, halved[0] != 0)
+try:
+    with np.errstate(all="raise"):
+        np.array([1e300]) * 1e300
+    print("overflow ignored")
+except FloatingPointError as error:
+    print("overflow raised", error)
+with warnings.catch_warnings(record=True) as caught, np.errstate(all="warn"):
+    warnings.simplefilter("always")
+    np.array([1.0], np.float32) / np.float32(0.0)
+print("warnings", [str(w.message) for w in caught])
+"""
+
+
+def test_fast_ops_keep_mxcsr_control():
+    # The C loops clear only the four exception flags of MXCSR on x86-64
+    # (kernels.c). Flags that earlier code left set must not make a fast op
+    # raise. After the fast ops, NumPy must still produce subnormals (no
+    # flush-to-zero) and report its own overflow and division by zero.
+    lines = output_lines(_MXCSR_CONTROL)
+    assert "subnormal kept True True" in lines
+    assert any(line.startswith("overflow raised overflow encountered") for line in lines)
+    assert "warnings ['divide by zero encountered in divide']" in lines

@@ -4,12 +4,11 @@ The setting applies only if gradflow comes before Numba's OpenMP threads
 start, so every case runs in a new process.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from fresh_python import output_lines
 
 WARNING = "Numba's OpenMP threads started before gradflow was imported"
 
@@ -29,23 +28,29 @@ for w in caught:
 """
 
 
-def _run(before="", after="", **env):
-    environ = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    environ.update(env)
+def _run_any_layer(before="", after="", **env):
+    """Return the script's threading layer and its warning lines."""
     script = _SCRIPT.format(before=textwrap.dedent(before), after=textwrap.dedent(after))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                            text=True, timeout=120, env=environ)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.splitlines()
+    lines = output_lines(script, **env)
     layer = next(line.split()[1] for line in lines if line.startswith("layer "))
+    return layer, lines
+
+
+def _run(before="", after="", **env):
+    """Return the script's output lines, skipping unless Numba runs on OpenMP."""
+    layer, lines = _run_any_layer(before, after, **env)
     if layer != "omp":
         pytest.skip(f"Numba runs on the {layer} threading layer here, not OpenMP")
     return lines
 
 
+def _warnings(lines):
+    return [line for line in lines if line.startswith("warning ")]
+
+
 def test_threads_started_first_warns():
     lines = _run(before="numba.set_num_threads(1)")
-    warnings = [line for line in lines if line.startswith("warning ")]
+    warnings = _warnings(lines)
     assert len(warnings) == 1
     assert warnings[0].startswith("warning PerformanceWarning " + WARNING)
     assert "GOMP_SPINCOUNT=0" in warnings[0]
@@ -54,10 +59,41 @@ def test_threads_started_first_warns():
 def test_gradflow_first_sets_spincount_quietly():
     lines = _run(after="numba.set_num_threads(1)")
     assert "spincount 0" in lines
-    assert not [line for line in lines if line.startswith("warning ")]
+    assert not _warnings(lines)
 
 
 def test_user_spincount_kept_without_warning():
     lines = _run(before="numba.set_num_threads(1)", GOMP_SPINCOUNT="1000")
     assert "spincount 1000" in lines
-    assert not [line for line in lines if line.startswith("warning ")]
+    assert not _warnings(lines)
+
+
+def test_passive_wait_policy_no_warning():
+    # With OMP_WAIT_POLICY=PASSIVE and no GOMP_SPINCOUNT, GNU OpenMP uses a
+    # spin count of 0 (libgomp manual, GOMP_SPINCOUNT), so workers that
+    # started before gradflow do not busy-wait.
+    lines = _run(before="numba.set_num_threads(1)", OMP_WAIT_POLICY="PASSIVE")
+    assert _warnings(lines) == []
+
+
+def test_workqueue_layer_no_warning():
+    # Numba's workqueue layer has no OpenMP workers, so nothing spins.
+    layer, lines = _run_any_layer(before="numba.set_num_threads(1)",
+                                  NUMBA_THREADING_LAYER="workqueue")
+    assert layer == "workqueue"
+    assert _warnings(lines) == []
+
+
+def test_second_import_no_warning():
+    # The first import set GOMP_SPINCOUNT=0 before the workers started, so
+    # they already read it, and a fresh import of every gradflow module after
+    # set_num_threads() must not warn.
+    _, lines = _run_any_layer(before="""
+        import sys
+        import gradflow
+
+        numba.set_num_threads(1)
+        for name in [n for n in sys.modules if n.startswith("gradflow")]:
+            del sys.modules[name]
+    """)
+    assert _warnings(lines) == []

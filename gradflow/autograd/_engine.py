@@ -61,7 +61,7 @@ def _run(roots, root_grads, retain_graph, create_graph, inputs, allow_unused):
         retain_graph = create_graph
     if (fast_backward is not None and inputs is None and not create_graph
             and anomaly_hook is None):
-        # NotImplemented: the graph holds a node that is not a record, which
+        # NotImplemented: the graph contains a node that is not a record, which
         # the walk below handles (or rejects with its own error).
         if fast_backward(list(roots), list(root_grads), retain_graph) is None:
             return None
