@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 
 SOURCES = [
     "module.c", "tensor.c", "tape.c", "ops.c", "records.c", "engine.c",
-    "kernels.c",
+    "kernels.c", "arenas.c",
 ]
 
 extension = Extension(

@@ -19,16 +19,61 @@ typedef struct {
     PyObject **slots;        /* the gradient buffers when n_out > 1 */
 } NodeState;
 
+/* The arrays a walk allocates. They are kept from one walk to the next (see
+   take_buffers), because a large graph's arrays would otherwise be fresh
+   pages from the system on every backward. */
 typedef struct {
     NodeState *states;
-    Py_ssize_t count, capacity;
+    Py_ssize_t capacity;
     Py_ssize_t *table;       /* open addressing: state index + 1, 0 empty */
-    size_t table_size;
+    size_t table_capacity;   /* entries allocated; a power of two */
     Py_ssize_t *ready;
-    Py_ssize_t n_ready, ready_capacity;
+    Py_ssize_t ready_capacity;
+    Py_ssize_t *stack;       /* count_dependencies' work list */
+    Py_ssize_t stack_capacity;
+} Buffers;
+
+typedef struct {
+    Buffers b;
+    Py_ssize_t count;
+    unsigned long long serial;
+    int stamps;              /* states found through the records, not the table */
+    size_t table_size;       /* entries in use; a power of two */
+    Py_ssize_t n_ready;
     PyObject *leaf_grads;
     int retain_graph;
 } Walk;
+
+/* The buffers of the last walk that finished, NULL arrays when none are
+   kept, and the number of records that walk reached, from which the next
+   walk sizes its table. A walk that starts while another runs (a hook that
+   calls backward) finds them taken and allocates its own. */
+static Buffers spare;
+static Py_ssize_t last_count;
+
+/* Keep no more than this many bytes of buffers between walks. */
+#define SPARE_LIMIT ((size_t)64 << 20)
+
+/* The serial of the last walk that started, and whether a running walk
+   keeps its state indices in the records. Only one walk at a time does: a
+   walk that starts meanwhile (in a hook, or in another thread while this
+   one runs Python code) uses the table. */
+static unsigned long long last_serial;
+static int stamping;
+
+/* -- records ---------------------------------------------------------------- */
+
+PyTypeObject GF_RecordBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gradflow._C.RecordBase",
+    .tp_doc = "The C part of every gradflow.autograd.Context: the running "
+              "backward walk's place for the record, and the record's links "
+              "in the list of untracked records.",
+    .tp_basicsize = sizeof(gf_record_base),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = gf_record_base_dealloc,
+};
 
 /* -- the node table --------------------------------------------------------- */
 
@@ -43,36 +88,55 @@ hash_pointer(PyObject *p, size_t mask)
 static Py_ssize_t
 find(Walk *w, PyObject *node)
 {
+    if (w->stamps) {
+        if (!PyObject_TypeCheck(node, GF.context_type)) {
+            return -1;
+        }
+        gf_record_base *record = (gf_record_base *)node;
+        Py_ssize_t k = record->state;
+        if (record->walk != w->serial || k < 0 || k >= w->count
+                || w->b.states[k].node != node) {
+            return -1;
+        }
+        return k;
+    }
     size_t mask = w->table_size - 1;
     for (size_t i = hash_pointer(node, mask);; i = (i + 1) & mask) {
-        Py_ssize_t entry = w->table[i];
+        Py_ssize_t entry = w->b.table[i];
         if (entry == 0) {
             return -1;
         }
-        if (w->states[entry - 1].node == node) {
+        if (w->b.states[entry - 1].node == node) {
             return entry - 1;
         }
     }
 }
 
+/* Use `size` entries of the table, allocating more if needed, and enter
+   every state again, because the states array has every node the table
+   had. */
 static int
-grow_table(Walk *w)
+resize_table(Walk *w, size_t size)
 {
-    size_t size = w->table_size * 2;
-    Py_ssize_t *table = PyMem_Calloc(size, sizeof(Py_ssize_t));
-    if (table == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    if (size > w->b.table_capacity) {
+        Py_ssize_t *table = PyMem_Malloc(size * sizeof(Py_ssize_t));
+        if (table == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        PyMem_Free(w->b.table);
+        w->b.table = table;
+        w->b.table_capacity = size;
     }
+    Py_ssize_t *table = w->b.table;
+    memset(table, 0, size * sizeof(Py_ssize_t));
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        size_t i = hash_pointer(w->states[k].node, size - 1);
+        size_t i = hash_pointer(w->b.states[k].node, size - 1);
         while (table[i] != 0) {
             i = (i + 1) & (size - 1);
         }
         table[i] = k + 1;
     }
-    PyMem_Free(w->table);
-    w->table = table;
     w->table_size = size;
     return 0;
 }
@@ -94,24 +158,37 @@ grow_array(void **items, Py_ssize_t *capacity, size_t item_size)
 static Py_ssize_t
 insert(Walk *w, PyObject *node)
 {
-    if ((size_t)(w->count + 1) * 2 > w->table_size && grow_table(w) < 0) {
+    if (!w->stamps && (size_t)(w->count + 1) * 2 > w->table_size
+            && resize_table(w, w->table_size * 2) < 0) {
         return -1;
     }
-    if (w->count == w->capacity
-            && grow_array((void **)&w->states, &w->capacity, sizeof(NodeState)) < 0) {
+    if (w->count == w->b.capacity
+            && grow_array((void **)&w->b.states, &w->b.capacity, sizeof(NodeState)) < 0) {
         return -1;
     }
     Py_ssize_t k = w->count++;
-    NodeState *st = &w->states[k];
+    NodeState *st = &w->b.states[k];
     memset(st, 0, sizeof(*st));
     Py_INCREF(node);
     st->node = node;
+    if (w->stamps) {
+        if (!PyObject_TypeCheck(node, GF.context_type)) {
+            Py_DECREF(node);
+            st->node = NULL;
+            w->count--;
+            PyErr_SetString(PyExc_SystemError, "backward: a node that is not a record entered the walk");
+            return -1;
+        }
+        ((gf_record_base *)node)->walk = w->serial;
+        ((gf_record_base *)node)->state = k;
+        return k;
+    }
     size_t mask = w->table_size - 1;
     size_t i = hash_pointer(node, mask);
-    while (w->table[i] != 0) {
+    while (w->b.table[i] != 0) {
         i = (i + 1) & mask;
     }
-    w->table[i] = k + 1;
+    w->b.table[i] = k + 1;
     return k;
 }
 
@@ -125,11 +202,11 @@ find_or_insert(Walk *w, PyObject *node)
 static int
 push_ready(Walk *w, Py_ssize_t k)
 {
-    if (w->n_ready == w->ready_capacity
-            && grow_array((void **)&w->ready, &w->ready_capacity, sizeof(Py_ssize_t)) < 0) {
+    if (w->n_ready == w->b.ready_capacity
+            && grow_array((void **)&w->b.ready, &w->b.ready_capacity, sizeof(Py_ssize_t)) < 0) {
         return -1;
     }
-    w->ready[w->n_ready++] = k;
+    w->b.ready[w->n_ready++] = k;
     return 0;
 }
 
@@ -147,16 +224,73 @@ clear_slots(NodeState *st)
 }
 
 static void
+free_buffers(Buffers *b)
+{
+    PyMem_Free(b->states);
+    PyMem_Free(b->table);
+    PyMem_Free(b->ready);
+    PyMem_Free(b->stack);
+    memset(b, 0, sizeof(*b));
+}
+
+static size_t
+buffer_bytes(const Buffers *b)
+{
+    return (size_t)b->capacity * sizeof(NodeState)
+        + b->table_capacity * sizeof(Py_ssize_t)
+        + ((size_t)b->ready_capacity + (size_t)b->stack_capacity) * sizeof(Py_ssize_t);
+}
+
+/* Start a walk with the spare buffers, or new ones when a running walk has
+   them, and a table sized for as many records as the last walk reached. */
+static int
+take_buffers(Walk *w)
+{
+    if (spare.states != NULL) {
+        w->b = spare;
+        memset(&spare, 0, sizeof(spare));
+    }
+    else {
+        w->b.capacity = w->b.ready_capacity = w->b.stack_capacity = 64;
+        w->b.states = PyMem_Malloc(w->b.capacity * sizeof(NodeState));
+        w->b.ready = PyMem_Malloc(w->b.ready_capacity * sizeof(Py_ssize_t));
+        w->b.stack = PyMem_Malloc(w->b.stack_capacity * sizeof(Py_ssize_t));
+        if (w->b.states == NULL || w->b.ready == NULL || w->b.stack == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    w->serial = ++last_serial;
+    w->stamps = GF.records_have_base && !stamping;
+    if (w->stamps) {
+        stamping = 1;
+        return 0;
+    }
+    size_t size = 256;
+    while (size < (size_t)last_count * 2 && size < w->b.table_capacity) {
+        size *= 2;
+    }
+    return resize_table(w, size);
+}
+
+static void
 walk_free(Walk *w)
 {
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        clear_slots(&w->states[k]);
-        Py_DECREF(w->states[k].node);
+        clear_slots(&w->b.states[k]);
+        Py_DECREF(w->b.states[k].node);
     }
-    PyMem_Free(w->states);
-    PyMem_Free(w->table);
-    PyMem_Free(w->ready);
     Py_XDECREF(w->leaf_grads);
+    last_count = w->count;
+    if (w->stamps) {
+        stamping = 0;
+    }
+    int complete = w->b.states && w->b.ready && w->b.stack;
+    if (spare.states == NULL && complete && buffer_bytes(&w->b) <= SPARE_LIMIT) {
+        spare = w->b;
+        memset(&w->b, 0, sizeof(w->b));
+    }
+    free_buffers(&w->b);
 }
 
 /* -- gradients ---------------------------------------------------------------- */
@@ -192,8 +326,9 @@ reject_node(PyObject *node)
     return -1;
 }
 
-/* Add `grad` (borrowed) to output `index` of `node`'s buffer. */
-static int
+/* Add `grad` (borrowed) to output `index` of `node`'s buffer. Returns the
+   node's state index, or -1 on error. */
+static Py_ssize_t
 add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
 {
     if (!PyObject_TypeCheck(node, GF.context_type)) {
@@ -207,7 +342,7 @@ add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
     if (index == -1 && PyErr_Occurred()) {
         return -1;
     }
-    NodeState *st = &w->states[k];
+    NodeState *st = &w->b.states[k];
     if (!st->buffered) {
         PyObject *out_meta = gf_get(node, GF.c.out_meta);
         if (out_meta == NULL) {
@@ -218,7 +353,7 @@ add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
         if (n_out < 0) {
             return -1;
         }
-        st = &w->states[k];
+        st = &w->b.states[k];
         st->buffered = 1;
         st->n_out = n_out;
         if (n_out > 1) {
@@ -239,14 +374,14 @@ add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
     if (*slot == NULL) {
         Py_INCREF(grad);
         *slot = grad;
-        return 0;
+        return k;
     }
     PyObject *sum = accumulate(*slot, grad);
     if (sum == NULL) {
         return -1;
     }
     Py_SETREF(*slot, sum);
-    return 0;
+    return k;
 }
 
 /* 1 if `grad` has the shape and dtype in `meta`, 0 if not, -1 on error. */
@@ -317,18 +452,18 @@ edge_parent(PyObject *edge, PyObject **parent, PyObject **index)
 static int
 count_dependencies(Walk *w)
 {
-    Py_ssize_t n_stack = 0, capacity = w->count + 16;
-    Py_ssize_t *stack = PyMem_Malloc(capacity * sizeof(Py_ssize_t));
-    if (stack == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    Py_ssize_t n_stack = 0;
+    while (w->b.stack_capacity < w->count) {
+        if (grow_array((void **)&w->b.stack, &w->b.stack_capacity, sizeof(Py_ssize_t)) < 0) {
+            return -1;
+        }
     }
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        stack[n_stack++] = k;
+        w->b.stack[n_stack++] = k;
     }
     int status = 0;
     while (n_stack > 0 && status == 0) {
-        PyObject *node = w->states[stack[--n_stack]].node;
+        PyObject *node = w->b.states[w->b.stack[--n_stack]].node;
         PyObject *edges = gf_get(node, GF.c.edges);
         PyObject *seq = edges ? PySequence_Fast(edges, "record edges must be a list") : NULL;
         if (seq == NULL) {
@@ -357,7 +492,7 @@ count_dependencies(Walk *w)
                 status = -1;
                 break;
             }
-            NodeState *st = &w->states[k];
+            NodeState *st = &w->b.states[k];
             if (st->counted) {
                 st->dependencies++;
                 continue;
@@ -365,17 +500,17 @@ count_dependencies(Walk *w)
             st->counted = 1;
             st->dependencies = 1;
             if (!st->buffered) {
-                if (n_stack == capacity
-                        && grow_array((void **)&stack, &capacity, sizeof(Py_ssize_t)) < 0) {
+                if (n_stack == w->b.stack_capacity
+                        && grow_array((void **)&w->b.stack, &w->b.stack_capacity,
+                                      sizeof(Py_ssize_t)) < 0) {
                     status = -1;
                     break;
                 }
-                stack[n_stack++] = k;
+                w->b.stack[n_stack++] = k;
             }
         }
         Py_DECREF(seq);
     }
-    PyMem_Free(stack);
     return status;
 }
 
@@ -397,11 +532,11 @@ skip_edge(Walk *w, PyObject *first)
         Py_INCREF(node);
         PyList_SetSlice(stack, last, last + 1, NULL);
         Py_ssize_t k = find(w, node);
-        if (k < 0 || !w->states[k].counted) {
+        if (k < 0 || !w->b.states[k].counted) {
             Py_DECREF(node);
             continue;
         }
-        NodeState *st = &w->states[k];
+        NodeState *st = &w->b.states[k];
         if (--st->dependencies) {
             Py_DECREF(node);
             continue;
@@ -521,91 +656,121 @@ release(PyObject *node)
     return 0;
 }
 
+/* A record's edges or input metadata, held for the loop in deliver: an
+   exact list or tuple itself, which the loop reads live as Python's zip
+   does, and anything else copied into a tuple. */
+static PyObject *
+hold_sequence(PyObject *seq)
+{
+    if (seq == NULL) {
+        return NULL;
+    }
+    if (PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) {
+        Py_INCREF(seq);
+        return seq;
+    }
+    return PySequence_Tuple(seq);
+}
+
+/* Item `i` of a sequence from hold_sequence as a new reference, or NULL
+   past its end. */
+static PyObject *
+held_item(PyObject *seq, Py_ssize_t i)
+{
+    PyObject *item = NULL;
+    if (PyList_CheckExact(seq)) {
+        item = i < PyList_GET_SIZE(seq) ? PyList_GET_ITEM(seq, i) : NULL;
+    }
+    else {
+        item = i < PyTuple_GET_SIZE(seq) ? PyTuple_GET_ITEM(seq, i) : NULL;
+    }
+    Py_XINCREF(item);
+    return item;
+}
+
+/* Pass one input gradient along `edge`; `grad` is borrowed. */
+static int
+deliver_one(Walk *w, PyObject *node, PyObject *edge, PyObject *meta, PyObject *grad)
+{
+    PyObject *parent, *index;
+    int is_record = edge_parent(edge, &parent, &index);
+    if (is_record < 0) {
+        return -1;
+    }
+    if (grad == NULL || grad == Py_None) {
+        return is_record ? skip_edge(w, parent) : 0;
+    }
+    int fits = matches_meta(grad, meta);
+    if (fits < 0) {
+        return -1;
+    }
+    Py_INCREF(grad);
+    if (!fits) {
+        Py_SETREF(grad, PyObject_CallFunctionObjArgs(GF.fit_to_input, node, grad, meta, NULL));
+        if (grad == NULL) {
+            return -1;
+        }
+    }
+    int status = 0;
+    if (is_record) {
+        Py_ssize_t k = add_to_buffer(w, parent, index, grad);
+        if (k < 0) {
+            status = -1;
+        }
+        else if (!w->b.states[k].counted) {
+            PyErr_SetObject(PyExc_KeyError, parent);
+            status = -1;
+        }
+        else if (--w->b.states[k].dependencies == 0) {
+            status = push_ready(w, k);
+        }
+    }
+    else {
+        PyObject *pair = PyTuple_Pack(2, edge, grad);
+        if (pair == NULL || PyList_Append(w->leaf_grads, pair) < 0) {
+            status = -1;
+        }
+        Py_XDECREF(pair);
+    }
+    Py_DECREF(grad);
+    return status;
+}
+
 /* Pass each input gradient along its edge. `grad_inputs` holds new
    references (NULL for None), which this consumes. */
 static int
 deliver(Walk *w, PyObject *node, PyObject **grad_inputs, Py_ssize_t n_grads)
 {
-    PyObject *edges = gf_get(node, GF.c.edges);
-    PyObject *metas = gf_get(node, GF.c.input_meta);
-    /* Copies, because Python code that runs below (a gradient's own shape,
-       _fit_to_input, _sum_grads) could change the record's lists. */
-    PyObject *edge_seq = edges ? PySequence_Tuple(edges) : NULL;
-    PyObject *meta_seq = metas ? PySequence_Tuple(metas) : NULL;
+    /* Held, because Python code that runs below (a gradient's own shape,
+       _fit_to_input, _sum_grads) could rebind the record's lists. */
+    PyObject *edges = hold_sequence(gf_get(node, GF.c.edges));
+    PyObject *metas = hold_sequence(gf_get(node, GF.c.input_meta));
     int status = 0;
-    if (edge_seq == NULL || meta_seq == NULL) {
+    if (edges == NULL || metas == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_AttributeError, "record has no edges or input_meta");
         }
         status = -1;
-        goto done;
     }
-    Py_ssize_t n = n_grads;
-    n = Py_MIN(n, PyTuple_GET_SIZE(edge_seq));
-    n = Py_MIN(n, PyTuple_GET_SIZE(meta_seq));
-    for (Py_ssize_t i = 0; i < n && status == 0; i++) {
-        PyObject *edge = PyTuple_GET_ITEM(edge_seq, i);
-        PyObject *grad = grad_inputs[i];
-        if (edge == Py_None) {
-            continue;
-        }
-        PyObject *parent, *index;
-        int is_record = edge_parent(edge, &parent, &index);
-        if (is_record < 0) {
-            status = -1;
+    for (Py_ssize_t i = 0; i < n_grads && status == 0; i++) {
+        PyObject *edge = held_item(edges, i);
+        PyObject *meta = held_item(metas, i);
+        if (edge == NULL || meta == NULL) {
+            Py_XDECREF(edge);
+            Py_XDECREF(meta);
             break;
         }
-        if (grad == NULL || grad == Py_None) {
-            if (is_record) {
-                status = skip_edge(w, parent);
-            }
-            continue;
+        if (edge != Py_None) {
+            status = deliver_one(w, node, edge, meta, grad_inputs[i]);
         }
-        PyObject *meta = PyTuple_GET_ITEM(meta_seq, i);
-        int fits = matches_meta(grad, meta);
-        if (fits < 0) {
-            status = -1;
-            break;
-        }
-        Py_INCREF(grad);
-        if (!fits) {
-            Py_SETREF(grad, PyObject_CallFunctionObjArgs(
-                GF.fit_to_input, node, grad, meta, NULL));
-            if (grad == NULL) {
-                status = -1;
-                break;
-            }
-        }
-        if (is_record) {
-            if (add_to_buffer(w, parent, index, grad) < 0) {
-                status = -1;
-            }
-            else {
-                Py_ssize_t k = find(w, parent);
-                if (k < 0 || !w->states[k].counted) {
-                    PyErr_SetObject(PyExc_KeyError, parent);
-                    status = -1;
-                }
-                else if (--w->states[k].dependencies == 0) {
-                    status = push_ready(w, k);
-                }
-            }
-        }
-        else {
-            PyObject *pair = PyTuple_Pack(2, edge, grad);
-            if (pair == NULL || PyList_Append(w->leaf_grads, pair) < 0) {
-                status = -1;
-            }
-            Py_XDECREF(pair);
-        }
-        Py_DECREF(grad);
+        Py_DECREF(edge);
+        Py_DECREF(meta);
     }
-done:
     for (Py_ssize_t i = 0; i < n_grads; i++) {
         Py_CLEAR(grad_inputs[i]);
     }
-    Py_XDECREF(edge_seq);
-    Py_XDECREF(meta_seq);
+    Py_XDECREF(edges);
+    Py_XDECREF(metas);
     return status;
 }
 
@@ -641,7 +806,7 @@ as_list(PyObject **grads, PyObject **grad)
 static int
 run_node(Walk *w, Py_ssize_t k)
 {
-    NodeState *st = &w->states[k];
+    NodeState *st = &w->b.states[k];
     PyObject *node = st->node;
     PyObject *grads = NULL;      /* list of output gradients, when needed */
     PyObject *grad = NULL;       /* the one output gradient, otherwise */
@@ -781,7 +946,7 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
         return counted;
     }
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        NodeState *st = &w->states[k];
+        NodeState *st = &w->b.states[k];
         if (st->buffered && (!st->counted || st->dependencies == 0)) {
             if (push_ready(w, k) < 0) {
                 return -1;
@@ -789,7 +954,7 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
         }
     }
     while (w->n_ready > 0) {
-        if (run_node(w, w->ready[--w->n_ready]) < 0) {
+        if (run_node(w, w->b.ready[--w->n_ready]) < 0) {
             return -1;
         }
     }
@@ -811,18 +976,8 @@ gf_run_backward(PyObject *self, PyObject *args)
     }
     Walk w = {0};
     w.retain_graph = retain_graph;
-    w.capacity = 64;
-    w.states = PyMem_Malloc(w.capacity * sizeof(NodeState));
-    w.table_size = 256;
-    w.table = PyMem_Calloc(w.table_size, sizeof(Py_ssize_t));
-    w.ready_capacity = 64;
-    w.ready = PyMem_Malloc(w.ready_capacity * sizeof(Py_ssize_t));
     w.leaf_grads = PyList_New(0);
-    if (w.states == NULL || w.table == NULL || w.ready == NULL) {
-        walk_free(&w);
-        return PyErr_NoMemory();
-    }
-    if (w.leaf_grads == NULL) {
+    if (w.leaf_grads == NULL || take_buffers(&w) < 0) {
         walk_free(&w);
         return NULL;
     }

@@ -79,6 +79,9 @@ typedef struct {
        records.c. Off until something can make a cycle through a record. */
     int track_records;
     PyObject *inert_types;   /* bookkeeping classes records may keep */
+
+    /* Whether the bound Context derives from GF_RecordBaseType. */
+    int records_have_base;
 } gf_state;
 
 extern gf_state GF;
@@ -183,6 +186,7 @@ PyObject *gf_apply(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
 
 /* records.c */
 int gf_untrack_record(PyObject *ctx);
+void gf_record_base_dealloc(PyObject *record);
 PyObject *gf_track_records(PyObject *self, PyObject *unused);
 PyObject *gf_records_tracked(PyObject *self, PyObject *unused);
 /* Track records from now on if `ctx` keeps an object that could refer to a
@@ -192,5 +196,22 @@ PyObject *gf_py_note_record(PyObject *self, PyObject *ctx);
 
 /* engine.c */
 PyObject *gf_run_backward(PyObject *self, PyObject *args);
+
+/* The C base class of gradflow.autograd.Context. The running backward walk
+   keeps the record's place here, so that finding it costs no table lookup. */
+typedef struct gf_record_base {
+    PyObject_HEAD
+    unsigned long long walk;  /* serial of the walk that entered the record */
+    Py_ssize_t state;         /* the record's index in that walk's states */
+    /* Links of the list of untracked records (records.c); NULL when the
+       record is not on it. The list holds no references. */
+    struct gf_record_base *prev_untracked, *next_untracked;
+} gf_record_base;
+
+extern PyTypeObject GF_RecordBaseType;
+
+/* arenas.c */
+PyObject *gf_cache_arenas(PyObject *self, PyObject *limit_mb);
+PyObject *gf_arena_cache_info(PyObject *self, PyObject *unused);
 
 #endif

@@ -196,6 +196,7 @@ py_bind(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(GF.tensor_type, (PyTypeObject *)tensor);
     Py_INCREF(context);
     Py_XSETREF(GF.context_type, (PyTypeObject *)context);
+    GF.records_have_base = PyType_IsSubtype(GF.context_type, &GF_RecordBaseType);
     Py_INCREF(function_globals);
     Py_XSETREF(GF.function_globals, function_globals);
     Py_INCREF(numpy);
@@ -260,6 +261,13 @@ static PyMethodDef module_methods[] = {
     {"run_backward", gf_run_backward, METH_VARARGS,
      "run_backward(roots, root_grads, retain_graph)\n--\n\n"
      "Run a plain backward walk and store the leaf gradients."},
+    {"cache_arenas", gf_cache_arenas, METH_O,
+     "cache_arenas(limit_mb)\n--\n\n"
+     "Keep up to ``limit_mb`` MiB of the arenas that Python's object allocator "
+     "frees, for reuse without page faults; 0 installs nothing."},
+    {"arena_cache_info", gf_arena_cache_info, METH_NOARGS,
+     "Return whether the arena cache is installed, the bytes of arenas it "
+     "keeps now and its limit in bytes."},
     {NULL},
 };
 
@@ -298,7 +306,8 @@ PyMODINIT_FUNC
 PyInit__C(void)
 {
     import_array();
-    if (make_constants() < 0 || PyType_Ready(&GF_FastOpType) < 0) {
+    if (make_constants() < 0 || PyType_Ready(&GF_FastOpType) < 0
+            || PyType_Ready(&GF_RecordBaseType) < 0) {
         return NULL;
     }
     GF.fast_ops = 1;
@@ -309,6 +318,12 @@ PyInit__C(void)
     Py_INCREF(&GF_FastOpType);
     if (PyModule_AddObject(module, "FastOp", (PyObject *)&GF_FastOpType) < 0) {
         Py_DECREF(&GF_FastOpType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&GF_RecordBaseType);
+    if (PyModule_AddObject(module, "RecordBase", (PyObject *)&GF_RecordBaseType) < 0) {
+        Py_DECREF(&GF_RecordBaseType);
         Py_DECREF(module);
         return NULL;
     }

@@ -20,8 +20,9 @@
  * Tensor subclass instance that can be given attributes). Each of these
  * calls gf_track_records first, which tracks every live untracked record
  * and makes every later record tracked, for the rest of the process. Live
- * records are found through weak references kept in `registry`, itself
- * untracked, and pruned of dead entries as it grows.
+ * untracked records are found through a doubly linked list that runs
+ * through their C base (gf_record_base); a record leaves it when it is
+ * freed.
  *
  * NOTE: an attribute that user code sets on a record after it was made
  * (t.grad_fn.x = y), or an object with attributes assigned to a leaf's
@@ -29,8 +30,37 @@
  */
 #include "gradflow.h"
 
-static PyObject *registry;         /* weak references to untracked records */
-static Py_ssize_t registry_limit = 4096;
+/* The list of untracked records: a ring through this sentinel, of which
+   only the links are used. */
+static gf_record_base untracked = {
+    .prev_untracked = &untracked, .next_untracked = &untracked,
+};
+
+static void
+link_untracked(gf_record_base *record)
+{
+    record->prev_untracked = untracked.prev_untracked;
+    record->next_untracked = &untracked;
+    untracked.prev_untracked->next_untracked = record;
+    untracked.prev_untracked = record;
+}
+
+static void
+unlink_untracked(gf_record_base *record)
+{
+    if (record->next_untracked != NULL) {
+        record->prev_untracked->next_untracked = record->next_untracked;
+        record->next_untracked->prev_untracked = record->prev_untracked;
+        record->prev_untracked = record->next_untracked = NULL;
+    }
+}
+
+void
+gf_record_base_dealloc(PyObject *record)
+{
+    unlink_untracked((gf_record_base *)record);
+    Py_TYPE(record)->tp_free(record);
+}
 
 static void
 track(PyObject *obj)
@@ -75,37 +105,6 @@ for_record_containers(PyObject *ctx, void (*fn)(PyObject *))
     fn(ctx);
 }
 
-/* A collection can run inside any allocation of a container object below,
-   and a __del__ it runs may call gf_track_records, which clears `registry`
-   and switches tracking on. Each such allocation is therefore followed by
-   a check of both. */
-
-static int
-prune_registry(void)
-{
-    PyObject *live = PyList_New(0);
-    if (live == NULL) {
-        return -1;
-    }
-    if (registry == NULL) {
-        Py_DECREF(live);
-        return 0;
-    }
-    PyObject_GC_UnTrack(live);
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(registry); i++) {
-        PyObject *ref = PyList_GET_ITEM(registry, i);
-        if (PyWeakref_GET_OBJECT(ref) != Py_None && PyList_Append(live, ref) < 0) {
-            Py_DECREF(live);
-            return -1;
-        }
-    }
-    Py_SETREF(registry, live);
-    registry_limit = Py_MAX(4096, 2 * PyList_GET_SIZE(registry));
-    return 0;
-}
-
-/* Take a new record out of the collector's view, unless records are
-   tracked by now. */
 /* Whether `obj` is a Tensor that can be given attributes after a record
    refers to it: an instance of a subclass with a __dict__ or slots of its
    own. Such a leaf can later refer to a result computed from it. */
@@ -141,6 +140,8 @@ refers_to_open_tensor(PyObject *ctx)
     return 0;
 }
 
+/* Take a new record out of the collector's view, unless records are
+   tracked by now. */
 int
 gf_untrack_record(PyObject *ctx)
 {
@@ -152,41 +153,10 @@ gf_untrack_record(PyObject *ctx)
         Py_XDECREF(r);
         return r == NULL ? -1 : 0;
     }
-    if (registry == NULL) {
-        PyObject *list = PyList_New(0);
-        if (list == NULL) {
-            return -1;
-        }
-        PyObject_GC_UnTrack(list);
-        if (GF.track_records || registry != NULL) {
-            Py_DECREF(list);
-        }
-        else {
-            registry = list;
-        }
+    if (!PyObject_TypeCheck(ctx, &GF_RecordBaseType)) {
+        return 0;  /* not on the list, so it stays tracked */
     }
-    if (!GF.track_records && PyList_GET_SIZE(registry) >= registry_limit
-            && prune_registry() < 0) {
-        return -1;
-    }
-    if (GF.track_records) {
-        return 0;
-    }
-    PyObject *ref = PyWeakref_NewRef(ctx, NULL);
-    if (ref == NULL) {
-        return -1;
-    }
-    if (GF.track_records) {
-        Py_DECREF(ref);
-        return 0;
-    }
-    /* Without a callback the reference refers to nothing that could cycle. */
-    untrack(ref);
-    int status = PyList_Append(registry, ref);
-    Py_DECREF(ref);
-    if (status < 0) {
-        return -1;
-    }
+    link_untracked((gf_record_base *)ctx);
     for_record_containers(ctx, untrack);
     return 0;
 }
@@ -195,14 +165,10 @@ PyObject *
 gf_track_records(PyObject *self, PyObject *unused)
 {
     GF.track_records = 1;
-    if (registry != NULL) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(registry); i++) {
-            PyObject *ctx = PyWeakref_GET_OBJECT(PyList_GET_ITEM(registry, i));
-            if (ctx != Py_None) {
-                for_record_containers(ctx, track);
-            }
-        }
-        Py_CLEAR(registry);
+    while (untracked.next_untracked != &untracked) {
+        gf_record_base *record = untracked.next_untracked;
+        unlink_untracked(record);
+        for_record_containers((PyObject *)record, track);
     }
     Py_RETURN_NONE;
 }

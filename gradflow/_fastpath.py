@@ -7,13 +7,21 @@ sqrt, sin, cos, tanh, sigmoid, relu) record themselves in C, the plain
 backward walk runs in C, and the grad-mode flag lives in C. The Python
 code stays the reference: every case the C path does not cover calls it,
 and both give bitwise equal results.
+
+The extension also keeps the arenas that Python's object allocator frees
+(csrc/arenas.c), so that a graph built after the last one was freed reuses
+their pages instead of faulting in new ones. ``GRADFLOW_ARENA_CACHE_MB``,
+set before import, says how much it keeps (default 256 MiB; 0 turns the
+cache off).
 """
 
 import contextlib
 import os
 
+ARENA_CACHE_MB = 256
+
 __all__ = [
-    "extension", "fast_op", "fast_path", "bind", "enabled", "set_enabled", "track_records",
+    "arena_cache_limit", "extension", "fast_op", "fast_path", "bind", "enabled", "set_enabled", "track_records",
 ]
 
 extension = None
@@ -92,6 +100,25 @@ def bind():
     # cases it does not cover (hooks, anomaly detection, set_enabled(False)).
     _function.Function.apply = classmethod(extension.apply)
     set_enabled(True)
+    if not extension.arena_cache_info()["installed"]:
+        extension.cache_arenas(arena_cache_limit(os.environ))
+
+
+def arena_cache_limit(environ):
+    """Return the arena cache's limit in MiB: ``GRADFLOW_ARENA_CACHE_MB``, or the default."""
+    setting = environ.get("GRADFLOW_ARENA_CACHE_MB", "").strip()
+    if not setting:
+        return ARENA_CACHE_MB
+    try:
+        limit = int(setting)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ValueError(
+            "GRADFLOW_ARENA_CACHE_MB must be a whole number of MiB, 0 or more "
+            f"(0 turns the arena cache off); got {setting!r}"
+        )
+    return limit
 
 
 def track_records():

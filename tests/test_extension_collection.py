@@ -59,8 +59,8 @@ print(crashed)
 def test_collection_inside_untrack_record():
     # A __del__ that the collector runs while an op records itself may
     # switch record tracking on. On the Python path the op finishes
-    # normally. On the C path the collection can run inside an allocation
-    # of gf_untrack_record (records.c), after which `registry` is gone and
-    # tracking is on, and the op must finish there too.
+    # normally. On the C path the collection can run between the steps
+    # that record the op in C, after which tracking is on, and the op must
+    # finish there too.
     lines = output_lines(_COLLECTION_SWEEP)
     assert lines[-1] == "[]", "thresholds whose child crashed"

@@ -498,6 +498,35 @@ def _reentrant_in_hook():
     return [x.grad]
 
 
+def _reentrant_in_thread():
+    # Another thread walks records of the running walk while that walk waits
+    # in a hook. Only one of the two walks may keep its place in the records.
+    x = _leaf()
+    y = x * 2.0
+    z = gf.tanh(y)
+
+    def backward_in_thread(grad):
+        thread = threading.Thread(target=lambda: (y * y).sum().backward())
+        thread.start()
+        thread.join()
+        return grad * 2.0
+
+    z.register_hook(backward_in_thread)
+    (z * y).sum().backward()
+    return [x.grad]
+
+
+def _walks_in_sequence():
+    # Later walks over records an earlier walk entered start afresh.
+    x = _leaf()
+    y = gf.tanh(x * 2.0)
+    grads = []
+    for _ in range(3):
+        (y * y + y).sum().backward(retain_graph=True)
+        grads.append(x.grad.data.copy())
+    return grads
+
+
 class _BackwardInsideBackward(gf.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -583,6 +612,8 @@ def _mixed_paths():
 
 GRAPHS = {
     "reentrant_in_hook": _reentrant_in_hook,
+    "reentrant_in_thread": _reentrant_in_thread,
+    "walks_in_sequence": _walks_in_sequence,
     "reentrant_in_function": _reentrant_in_function,
     "nested_checkpoint": _nested_checkpoint,
     "hooks_keep_and_replace": _hooks_keep_and_replace,

@@ -58,13 +58,15 @@ saved_tensors_hooks = []
 anomaly_hook = None
 
 
-class Context:
+class Context(object if extension is None else extension.RecordBase):
     """The tape record of one operation, and the ``ctx`` its methods receive.
 
     Holds the edges to the records (or leaf Tensors) that produced the
     inputs, the arrays saved for backward, and the output metadata the engine
     needs to build zero gradients for unused outputs. It never holds its own
-    outputs, so the graph has no reference cycles.
+    outputs, so the graph has no reference cycles. With the C extension, its
+    base class (``gradflow._C.RecordBase``) stores the C backward walk's
+    place for the record and its links in the list of untracked records.
     """
 
     __slots__ = (

@@ -1,0 +1,97 @@
+"""The cache of freed object arenas (csrc/arenas.c) and its setting."""
+
+import pytest
+
+from gradflow import _fastpath
+from fresh_python import output_lines, run_python
+
+needs_extension = pytest.mark.skipif(_fastpath.extension is None,
+                                     reason="the C extension is not built")
+
+# Builds a graph of about 30 MB, frees it, and builds it again; prints the
+# page faults of each build and the bytes the cache held in between.
+_REBUILD = """
+import resource
+import gradflow as gf
+from gradflow import _fastpath
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def build(steps=15000):
+    x = gf.tensor([0.5], requires_grad=True)
+    y = x
+    for _ in range(steps):
+        y = y * 0.5 + y * 0.5
+    return y
+
+info = _fastpath.extension.arena_cache_info()
+start = faults()
+y = build()
+first = faults() - start
+del y
+cached = _fastpath.extension.arena_cache_info()["cached_bytes"]
+start = faults()
+y = build()
+second = faults() - start
+print(info["installed"], info["limit_bytes"], first, cached, second)
+"""
+
+
+def test_limit_defaults_to_256_mib():
+    assert _fastpath.arena_cache_limit({}) == 256
+    assert _fastpath.arena_cache_limit({"GRADFLOW_ARENA_CACHE_MB": "  "}) == 256
+
+
+@pytest.mark.parametrize("setting, limit", [("0", 0), ("64", 64), (" 12 ", 12)])
+def test_limit_reads_whole_mib(setting, limit):
+    assert _fastpath.arena_cache_limit({"GRADFLOW_ARENA_CACHE_MB": setting}) == limit
+
+
+@pytest.mark.parametrize("setting", ["x", "-3", "1.5", "64MB"])
+def test_bad_limit_names_the_variable(setting):
+    with pytest.raises(ValueError, match="GRADFLOW_ARENA_CACHE_MB must be a whole number"):
+        _fastpath.arena_cache_limit({"GRADFLOW_ARENA_CACHE_MB": setting})
+
+
+@needs_extension
+def test_rebuilt_graph_reuses_the_freed_arenas():
+    installed, limit, first, cached, second = output_lines(_REBUILD)[-1].split()
+    assert installed == "True"
+    assert int(limit) == 256 << 20
+    # The first build faults in fresh arenas, and freeing the graph caches them.
+    assert int(first) > 2000
+    assert int(cached) >= 16 << 20
+    assert int(second) < int(first) // 4
+
+
+@needs_extension
+def test_zero_leaves_the_allocator_alone():
+    installed, limit, first, cached, second = output_lines(
+        _REBUILD, GRADFLOW_ARENA_CACHE_MB="0")[-1].split()
+    assert installed == "False"
+    assert int(cached) == 0
+    # Python returned the freed arenas, so the second build faults again.
+    assert int(second) > int(first) // 4
+
+
+@needs_extension
+def test_bad_setting_fails_the_import_with_its_name():
+    result = run_python("import gradflow", GRADFLOW_ARENA_CACHE_MB="lots")
+    assert result.returncode != 0
+    assert "GRADFLOW_ARENA_CACHE_MB must be a whole number of MiB" in result.stderr
+    assert "'lots'" in result.stderr
+
+
+@needs_extension
+def test_negative_limit_is_refused():
+    with pytest.raises(ValueError, match="0 or more MiB, got -1"):
+        _fastpath.extension.cache_arenas(-1)
+
+
+@needs_extension
+def test_cache_installs_once():
+    if not _fastpath.extension.arena_cache_info()["installed"]:
+        pytest.skip("this test process runs with the arena cache off")
+    with pytest.raises(RuntimeError, match="already installed"):
+        _fastpath.extension.cache_arenas(16)
