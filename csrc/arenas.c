@@ -10,7 +10,7 @@
  *
  * The cache keeps freed arenas, up to a limit, and hands them out again.
  * Each cached arena is marked MADV_FREE where the system has it, so that the
- * system may still take its pages back under memory pressure; until it
+ * system may still take its pages back under memory pressure. Until it
  * does, using the arena again costs no fault. gradflow installs the cache
  * once, at import (gradflow/_fastpath.py), for the life of the process.
  */
@@ -19,14 +19,14 @@
 #include <sys/mman.h>
 
 /* Python also takes smaller blocks through the arena allocator (16 KiB
-   chunks of the frame stack); only blocks at least this large count as
+   chunks of the frame stack), so only blocks at least this large count as
    arenas. */
 #define MIN_ARENA_BYTES ((size_t)256 << 10)
 
 static PyObjectArenaAllocator base;
 static void **cached_arenas;
 static size_t n_cached, limit_bytes;
-static size_t arena_bytes;   /* size of Python's arenas; 0 until one is freed */
+static size_t arena_bytes;   /* size of Python's arenas, 0 until one is freed */
 
 static void *
 arena_alloc(void *ctx, size_t size)
@@ -73,7 +73,7 @@ gf_cache_arenas(PyObject *self, PyObject *arg)
         Py_RETURN_NONE;
     }
     limit_bytes = (size_t)limit_mb << 20;
-    /* Room for the most arenas the limit allows: ones of the least size. */
+    /* Room for as many arenas as the limit allows if all had the least size. */
     cached_arenas = PyMem_RawMalloc(limit_bytes / MIN_ARENA_BYTES * sizeof(void *));
     if (cached_arenas == NULL) {
         return PyErr_NoMemory();

@@ -26,7 +26,7 @@ typedef struct {
     NodeState *states;
     Py_ssize_t capacity;
     Py_ssize_t *table;       /* open addressing: state index + 1, 0 empty */
-    size_t table_capacity;   /* entries allocated; a power of two */
+    size_t table_capacity;   /* entries allocated, a power of two */
     Py_ssize_t *ready;
     Py_ssize_t ready_capacity;
     Py_ssize_t *stack;       /* count_dependencies' work list */
@@ -34,11 +34,11 @@ typedef struct {
 } Buffers;
 
 typedef struct {
-    Buffers b;
+    Buffers buffers;
     Py_ssize_t count;
     unsigned long long serial;
     int stamps;              /* states found through the records, not the table */
-    size_t table_size;       /* entries in use; a power of two */
+    size_t table_size;       /* entries in use, a power of two */
     Py_ssize_t n_ready;
     PyObject *leaf_grads;
     int retain_graph;
@@ -95,18 +95,18 @@ find(Walk *w, PyObject *node)
         gf_record_base *record = (gf_record_base *)node;
         Py_ssize_t k = record->state;
         if (record->walk != w->serial || k < 0 || k >= w->count
-                || w->b.states[k].node != node) {
+                || w->buffers.states[k].node != node) {
             return -1;
         }
         return k;
     }
     size_t mask = w->table_size - 1;
     for (size_t i = hash_pointer(node, mask);; i = (i + 1) & mask) {
-        Py_ssize_t entry = w->b.table[i];
+        Py_ssize_t entry = w->buffers.table[i];
         if (entry == 0) {
             return -1;
         }
-        if (w->b.states[entry - 1].node == node) {
+        if (w->buffers.states[entry - 1].node == node) {
             return entry - 1;
         }
     }
@@ -118,20 +118,20 @@ find(Walk *w, PyObject *node)
 static int
 resize_table(Walk *w, size_t size)
 {
-    if (size > w->b.table_capacity) {
+    if (size > w->buffers.table_capacity) {
         Py_ssize_t *table = PyMem_Malloc(size * sizeof(Py_ssize_t));
         if (table == NULL) {
             PyErr_NoMemory();
             return -1;
         }
-        PyMem_Free(w->b.table);
-        w->b.table = table;
-        w->b.table_capacity = size;
+        PyMem_Free(w->buffers.table);
+        w->buffers.table = table;
+        w->buffers.table_capacity = size;
     }
-    Py_ssize_t *table = w->b.table;
+    Py_ssize_t *table = w->buffers.table;
     memset(table, 0, size * sizeof(Py_ssize_t));
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        size_t i = hash_pointer(w->b.states[k].node, size - 1);
+        size_t i = hash_pointer(w->buffers.states[k].node, size - 1);
         while (table[i] != 0) {
             i = (i + 1) & (size - 1);
         }
@@ -162,33 +162,29 @@ insert(Walk *w, PyObject *node)
             && resize_table(w, w->table_size * 2) < 0) {
         return -1;
     }
-    if (w->count == w->b.capacity
-            && grow_array((void **)&w->b.states, &w->b.capacity, sizeof(NodeState)) < 0) {
+    if (w->count == w->buffers.capacity
+            && grow_array((void **)&w->buffers.states, &w->buffers.capacity,
+                          sizeof(NodeState)) < 0) {
         return -1;
     }
     Py_ssize_t k = w->count++;
-    NodeState *st = &w->b.states[k];
+    NodeState *st = &w->buffers.states[k];
     memset(st, 0, sizeof(*st));
     Py_INCREF(node);
     st->node = node;
     if (w->stamps) {
-        if (!PyObject_TypeCheck(node, GF.context_type)) {
-            Py_DECREF(node);
-            st->node = NULL;
-            w->count--;
-            PyErr_SetString(PyExc_SystemError, "backward: a node that is not a record entered the walk");
-            return -1;
-        }
+        /* Both callers of find_or_insert check that `node` is a record. */
+        assert(PyObject_TypeCheck(node, GF.context_type));
         ((gf_record_base *)node)->walk = w->serial;
         ((gf_record_base *)node)->state = k;
         return k;
     }
     size_t mask = w->table_size - 1;
     size_t i = hash_pointer(node, mask);
-    while (w->b.table[i] != 0) {
+    while (w->buffers.table[i] != 0) {
         i = (i + 1) & mask;
     }
-    w->b.table[i] = k + 1;
+    w->buffers.table[i] = k + 1;
     return k;
 }
 
@@ -202,11 +198,12 @@ find_or_insert(Walk *w, PyObject *node)
 static int
 push_ready(Walk *w, Py_ssize_t k)
 {
-    if (w->n_ready == w->b.ready_capacity
-            && grow_array((void **)&w->b.ready, &w->b.ready_capacity, sizeof(Py_ssize_t)) < 0) {
+    if (w->n_ready == w->buffers.ready_capacity
+            && grow_array((void **)&w->buffers.ready, &w->buffers.ready_capacity,
+                          sizeof(Py_ssize_t)) < 0) {
         return -1;
     }
-    w->b.ready[w->n_ready++] = k;
+    w->buffers.ready[w->n_ready++] = k;
     return 0;
 }
 
@@ -242,20 +239,21 @@ buffer_bytes(const Buffers *b)
 }
 
 /* Start a walk with the spare buffers, or new ones when a running walk has
-   them, and a table sized for as many records as the last walk reached. */
+   them. A walk that cannot keep its place in the records gets a table sized
+   for as many records as the last walk reached. */
 static int
 take_buffers(Walk *w)
 {
     if (spare.states != NULL) {
-        w->b = spare;
+        w->buffers = spare;
         memset(&spare, 0, sizeof(spare));
     }
     else {
-        w->b.capacity = w->b.ready_capacity = w->b.stack_capacity = 64;
-        w->b.states = PyMem_Malloc(w->b.capacity * sizeof(NodeState));
-        w->b.ready = PyMem_Malloc(w->b.ready_capacity * sizeof(Py_ssize_t));
-        w->b.stack = PyMem_Malloc(w->b.stack_capacity * sizeof(Py_ssize_t));
-        if (w->b.states == NULL || w->b.ready == NULL || w->b.stack == NULL) {
+        w->buffers.capacity = w->buffers.ready_capacity = w->buffers.stack_capacity = 64;
+        w->buffers.states = PyMem_Malloc(w->buffers.capacity * sizeof(NodeState));
+        w->buffers.ready = PyMem_Malloc(w->buffers.ready_capacity * sizeof(Py_ssize_t));
+        w->buffers.stack = PyMem_Malloc(w->buffers.stack_capacity * sizeof(Py_ssize_t));
+        if (w->buffers.states == NULL || w->buffers.ready == NULL || w->buffers.stack == NULL) {
             PyErr_NoMemory();
             return -1;
         }
@@ -267,7 +265,7 @@ take_buffers(Walk *w)
         return 0;
     }
     size_t size = 256;
-    while (size < (size_t)last_count * 2 && size < w->b.table_capacity) {
+    while (size < (size_t)last_count * 2 && size < w->buffers.table_capacity) {
         size *= 2;
     }
     return resize_table(w, size);
@@ -277,20 +275,20 @@ static void
 walk_free(Walk *w)
 {
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        clear_slots(&w->b.states[k]);
-        Py_DECREF(w->b.states[k].node);
+        clear_slots(&w->buffers.states[k]);
+        Py_DECREF(w->buffers.states[k].node);
     }
     Py_XDECREF(w->leaf_grads);
     last_count = w->count;
     if (w->stamps) {
         stamping = 0;
     }
-    int complete = w->b.states && w->b.ready && w->b.stack;
-    if (spare.states == NULL && complete && buffer_bytes(&w->b) <= SPARE_LIMIT) {
-        spare = w->b;
-        memset(&w->b, 0, sizeof(w->b));
+    int complete = w->buffers.states && w->buffers.ready && w->buffers.stack;
+    if (spare.states == NULL && complete && buffer_bytes(&w->buffers) <= SPARE_LIMIT) {
+        spare = w->buffers;
+        memset(&w->buffers, 0, sizeof(w->buffers));
     }
-    free_buffers(&w->b);
+    free_buffers(&w->buffers);
 }
 
 /* -- gradients ---------------------------------------------------------------- */
@@ -342,7 +340,7 @@ add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
     if (index == -1 && PyErr_Occurred()) {
         return -1;
     }
-    NodeState *st = &w->b.states[k];
+    NodeState *st = &w->buffers.states[k];
     if (!st->buffered) {
         PyObject *out_meta = gf_get(node, GF.c.out_meta);
         if (out_meta == NULL) {
@@ -353,7 +351,7 @@ add_to_buffer(Walk *w, PyObject *node, PyObject *index_object, PyObject *grad)
         if (n_out < 0) {
             return -1;
         }
-        st = &w->b.states[k];
+        st = &w->buffers.states[k];
         st->buffered = 1;
         st->n_out = n_out;
         if (n_out > 1) {
@@ -453,17 +451,18 @@ static int
 count_dependencies(Walk *w)
 {
     Py_ssize_t n_stack = 0;
-    while (w->b.stack_capacity < w->count) {
-        if (grow_array((void **)&w->b.stack, &w->b.stack_capacity, sizeof(Py_ssize_t)) < 0) {
+    while (w->buffers.stack_capacity < w->count) {
+        if (grow_array((void **)&w->buffers.stack, &w->buffers.stack_capacity,
+                       sizeof(Py_ssize_t)) < 0) {
             return -1;
         }
     }
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        w->b.stack[n_stack++] = k;
+        w->buffers.stack[n_stack++] = k;
     }
     int status = 0;
     while (n_stack > 0 && status == 0) {
-        PyObject *node = w->b.states[w->b.stack[--n_stack]].node;
+        PyObject *node = w->buffers.states[w->buffers.stack[--n_stack]].node;
         PyObject *edges = gf_get(node, GF.c.edges);
         PyObject *seq = edges ? PySequence_Fast(edges, "record edges must be a list") : NULL;
         if (seq == NULL) {
@@ -492,7 +491,7 @@ count_dependencies(Walk *w)
                 status = -1;
                 break;
             }
-            NodeState *st = &w->b.states[k];
+            NodeState *st = &w->buffers.states[k];
             if (st->counted) {
                 st->dependencies++;
                 continue;
@@ -500,13 +499,13 @@ count_dependencies(Walk *w)
             st->counted = 1;
             st->dependencies = 1;
             if (!st->buffered) {
-                if (n_stack == w->b.stack_capacity
-                        && grow_array((void **)&w->b.stack, &w->b.stack_capacity,
+                if (n_stack == w->buffers.stack_capacity
+                        && grow_array((void **)&w->buffers.stack, &w->buffers.stack_capacity,
                                       sizeof(Py_ssize_t)) < 0) {
                     status = -1;
                     break;
                 }
-                w->b.stack[n_stack++] = k;
+                w->buffers.stack[n_stack++] = k;
             }
         }
         Py_DECREF(seq);
@@ -532,11 +531,11 @@ skip_edge(Walk *w, PyObject *first)
         Py_INCREF(node);
         PyList_SetSlice(stack, last, last + 1, NULL);
         Py_ssize_t k = find(w, node);
-        if (k < 0 || !w->b.states[k].counted) {
+        if (k < 0 || !w->buffers.states[k].counted) {
             Py_DECREF(node);
             continue;
         }
-        NodeState *st = &w->b.states[k];
+        NodeState *st = &w->buffers.states[k];
         if (--st->dependencies) {
             Py_DECREF(node);
             continue;
@@ -717,11 +716,11 @@ deliver_one(Walk *w, PyObject *node, PyObject *edge, PyObject *meta, PyObject *g
         if (k < 0) {
             status = -1;
         }
-        else if (!w->b.states[k].counted) {
+        else if (!w->buffers.states[k].counted) {
             PyErr_SetObject(PyExc_KeyError, parent);
             status = -1;
         }
-        else if (--w->b.states[k].dependencies == 0) {
+        else if (--w->buffers.states[k].dependencies == 0) {
             status = push_ready(w, k);
         }
     }
@@ -806,7 +805,7 @@ as_list(PyObject **grads, PyObject **grad)
 static int
 run_node(Walk *w, Py_ssize_t k)
 {
-    NodeState *st = &w->b.states[k];
+    NodeState *st = &w->buffers.states[k];
     PyObject *node = st->node;
     PyObject *grads = NULL;      /* list of output gradients, when needed */
     PyObject *grad = NULL;       /* the one output gradient, otherwise */
@@ -946,7 +945,7 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
         return counted;
     }
     for (Py_ssize_t k = 0; k < w->count; k++) {
-        NodeState *st = &w->b.states[k];
+        NodeState *st = &w->buffers.states[k];
         if (st->buffered && (!st->counted || st->dependencies == 0)) {
             if (push_ready(w, k) < 0) {
                 return -1;
@@ -954,7 +953,7 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
         }
     }
     while (w->n_ready > 0) {
-        if (run_node(w, w->b.ready[--w->n_ready]) < 0) {
+        if (run_node(w, w->buffers.ready[--w->n_ready]) < 0) {
             return -1;
         }
     }

@@ -204,7 +204,7 @@ typedef struct gf_record_base {
     unsigned long long walk;  /* serial of the walk that entered the record */
     Py_ssize_t state;         /* the record's index in that walk's states */
     /* Links of the list of untracked records (records.c); NULL when the
-       record is not on it. The list holds no references. */
+       record is not on it. The list owns no references. */
     struct gf_record_base *prev_untracked, *next_untracked;
 } gf_record_base;
 

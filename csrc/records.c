@@ -21,7 +21,7 @@
  * calls gf_track_records first, which tracks every live untracked record
  * and makes every later record tracked, for the rest of the process. Live
  * untracked records are found through a doubly linked list that runs
- * through their C base (gf_record_base); a record leaves it when it is
+ * through their C base (gf_record_base). A record leaves it when it is
  * freed.
  *
  * NOTE: an attribute that user code sets on a record after it was made

@@ -8,7 +8,7 @@ from fresh_python import output_lines, run_python
 needs_extension = pytest.mark.skipif(_fastpath.extension is None,
                                      reason="the C extension is not built")
 
-# Builds a graph of about 30 MB, frees it, and builds it again; prints the
+# Builds a graph of about 30 MB, frees it, and builds it again. Prints the
 # page faults of each build and the bytes the cache held in between.
 _REBUILD = """
 import resource
