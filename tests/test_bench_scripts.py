@@ -101,3 +101,29 @@ def test_gpu_check_stops_without_gpu(tmp_path):
     assert result.returncode == 2
     assert "nvidia-smi not found" in result.stderr
     assert (out / "summary.md").exists()
+
+
+PHASES_SCRIPT = BENCHMARKS / "scaling_phases.py"
+
+
+def test_scaling_phases_prints_a_row_per_size(tmp_path):
+    result = run_script(
+        [sys.executable, str(PHASES_SCRIPT), "--steps", "50", "200", "--repeats", "1"],
+        tmp_path, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 50 |")
+            or line.startswith("| 200 |")]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        cells = [cell.strip().replace(",", "") for cell in row.strip("|").split("|")]
+        assert all(float(cell) > 0 for cell in cells[1:4]), row
+        assert float(cells[4]) >= 0, row
+
+
+def test_scaling_phases_rejects_zero_repeats(tmp_path):
+    result = run_script(
+        [sys.executable, str(PHASES_SCRIPT), "--repeats", "0"], tmp_path, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--steps and --repeats must be 1 or more" in result.stderr
