@@ -95,8 +95,10 @@ def _moments(exp_avg, exp_avg_sq, j, g, beta1, beta2):
     v = np.float64(exp_avg_sq[j]) * beta2 + (1.0 - beta2) * g * g
     exp_avg[j] = m
     exp_avg_sq[j] = v
-    # Rounded to the array dtype, as the stored moments the next step reads.
-    return exp_avg[j], exp_avg_sq[j]
+    # Rounded to the array dtype, as the stored moments the next step reads,
+    # and widened again so that the square root runs in float64. A float32
+    # square root of a subnormal exp_avg_sq takes a slow microcode assist.
+    return np.float64(exp_avg[j]), np.float64(exp_avg_sq[j])
 
 
 # Chunk tables by the tensor sizes they cover. A training loop updates the

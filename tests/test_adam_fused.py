@@ -452,3 +452,25 @@ def test_reference_beta1_zero_keeps_gradient():
     np.testing.assert_array_equal(
         optimizer.state[p]["exp_avg"].data, np.array([1e-3, 2e-3], dtype=np.float32)
     )
+
+
+def test_fused_subnormal_moment_float64_root(numpy_fused_calls):
+    # Gradients near 1e-20 leave float32 exp_avg_sq subnormal. Both fused
+    # updates widen the stored moments and take the root in float64, so
+    # the result is the float64 formula below, rounded once, bit for bit.
+    rng = np.random.default_rng(5)
+    grad = (rng.standard_normal(1000) * 1e-20).astype(np.float32)
+    p = gf.nn.Parameter(gf.zeros(1000))
+    lr, (beta1, beta2) = 0.01, (0.9, 0.999)
+    optimizer = gf.optim.Adam([p], lr=lr, betas=(beta1, beta2), eps=1e-30)
+    p.grad = gf.tensor(grad)
+    optimizer.step()
+    assert numpy_fused_calls == [np.dtype(np.float32)]
+    g = grad.astype(np.float64)
+    m = ((1.0 - beta1) * g).astype(np.float32).astype(np.float64)
+    v = ((1.0 - beta2) * g * g).astype(np.float32)
+    assert np.mean((v != 0) & (np.abs(v) < np.finfo(np.float32).tiny)) > 0.9
+    step_size, correction = lr / (1.0 - beta1), np.sqrt(1.0 - beta2)
+    expected = 0.0 - step_size * m / (np.sqrt(v.astype(np.float64)) / correction + 1e-30)
+    np.testing.assert_array_equal(optimizer.state[p]["exp_avg_sq"].data, v)
+    np.testing.assert_array_equal(p.data, expected.astype(np.float32))
