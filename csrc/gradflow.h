@@ -96,6 +96,10 @@ extern PyObject *gf_str_dot;        /* "." */
 extern PyObject *gf_str_gradflow_prefix; /* "gradflow." */
 extern PyObject *gf_empty_tuple;
 extern PyObject *gf_needs[3][3];    /* (True,), (True, False), ... by count */
+/* Saved kinds of a record whose saved values are neither inputs nor
+   outputs: (None,) to (None, None, None, None), shared by such records. */
+#define GF_SHARED_KINDS 4
+extern PyObject *gf_no_kinds[GF_SHARED_KINDS + 1];
 
 /* Grad mode: the per-thread flag behind gf.no_grad() and friends. */
 int gf_grad_enabled(void);
@@ -177,7 +181,7 @@ int gf_loop_same_layout(PyArrayObject *a, PyArrayObject *b);
 /* tape.c */
 PyObject *gf_new_context(PyObject *function, PyObject *needs_input_grad);
 int gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs,
-                  Py_ssize_t n);
+                  Py_ssize_t n, int share);
 int gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
                  Py_ssize_t nargs, PyObject *const *raw, Py_ssize_t nraw,
                  PyObject *const *outputs, PyObject *const *results, Py_ssize_t n_out);

@@ -14,6 +14,7 @@ PyObject *gf_str_anomaly_hook;
 PyObject *gf_str_dot;
 PyObject *gf_str_gradflow_prefix;
 PyObject *gf_empty_tuple;
+PyObject *gf_no_kinds[GF_SHARED_KINDS + 1];
 PyObject *gf_needs[3][3];
 
 /* -- grad mode ---------------------------------------------------------------- */
@@ -297,6 +298,16 @@ make_constants(void)
     gf_needs[2][0] = PyTuple_Pack(2, Py_True, Py_True);
     gf_needs[2][1] = PyTuple_Pack(2, Py_True, Py_False);
     gf_needs[2][2] = PyTuple_Pack(2, Py_False, Py_True);
+    for (Py_ssize_t n = 1; n <= GF_SHARED_KINDS; n++) {
+        gf_no_kinds[n] = PyTuple_New(n);
+        if (gf_no_kinds[n] == NULL) {
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_INCREF(Py_None);
+            PyTuple_SET_ITEM(gf_no_kinds[n], i, Py_None);
+        }
+    }
     return (gf_str_input && gf_str_backward && gf_str_forward && gf_str_release && gf_str_anomaly_hook
             && gf_str_dot && gf_str_gradflow_prefix && gf_empty_tuple && gf_needs[1][0] && gf_needs[2][0] && gf_needs[2][1]
             && gf_needs[2][2]) ? 0 : -1;

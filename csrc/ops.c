@@ -231,6 +231,29 @@ stored_array(PyObject *value)
 
 /* -- records ---------------------------------------------------------------- */
 
+/* (meta,), the output metadata of a record with one output; steals `meta`.
+   Consecutive records of one shape and dtype share `meta` (each output's
+   is its input's), and so share this tuple too. */
+static PyObject *
+single_out_meta(PyObject *meta)
+{
+    static PyObject *last = NULL;
+    if (last != NULL && PyTuple_GET_ITEM(last, 0) == meta) {
+        Py_DECREF(meta);
+        return Py_NewRef(last);
+    }
+    PyObject *out_meta = PyTuple_New(1);
+    if (out_meta == NULL) {
+        Py_DECREF(meta);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out_meta, 0, meta);
+    /* It contains only a (shape, dtype) tuple, which cannot form a cycle. */
+    PyObject_GC_UnTrack(out_meta);
+    Py_XSETREF(last, Py_NewRef(out_meta));
+    return out_meta;
+}
+
 /* Record `op` over `args` (Tensors or Python numbers) with output array
    `out`, and return the output Tensor. `values` are the arrays or numbers
    forward saw, `returned` is what it returned (`out`, or the NumPy scalar
@@ -252,16 +275,16 @@ record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
     if (ctx == NULL) {
         return NULL;
     }
-    PyObject *out_meta = PyList_New(1);
+    PyObject *out_meta = NULL;
     PyObject *result = NULL;
-    if (out_meta == NULL || gf_set_inputs(ctx, args, needs, nargs) < 0) {
+    if (gf_set_inputs(ctx, args, needs, nargs, 1) < 0) {
         goto error;
     }
     PyObject *metas = gf_get(ctx, GF.c.input_meta);
     /* An elementwise output usually has its input's shape and dtype. */
     PyObject *meta = NULL;
     for (Py_ssize_t k = 0; k < nargs && meta == NULL; k++) {
-        PyObject *input_meta = PyList_GET_ITEM(metas, k);
+        PyObject *input_meta = PyTuple_GET_ITEM(metas, k);
         if (input_meta != Py_None && gf_meta_matches(input_meta, (PyArrayObject *)out)) {
             meta = input_meta;
             Py_INCREF(meta);
@@ -270,10 +293,9 @@ record(int op, PyObject *const *args, PyObject *const *values, Py_ssize_t nargs,
     if (meta == NULL && (meta = gf_meta_of((PyArrayObject *)out)) == NULL) {
         goto error;
     }
-    PyList_SET_ITEM(out_meta, 0, meta);
-    /* The metadata list holds only (shape, dtype) tuples. */
-    PyObject_GC_UnTrack(out_meta);
-
+    if ((out_meta = single_out_meta(meta)) == NULL) {
+        goto error;
+    }
     gf_set_steal(ctx, GF.c.out_meta, out_meta);
     out_meta = NULL;
     gf_set(ctx, GF.c.array_module, GF.numpy);
@@ -438,15 +460,15 @@ read_saved(PyObject *node, PyObject **values, Py_ssize_t count)
     PyObject *kinds = gf_get(node, GF.c.saved_kinds);
     PyObject *versions = gf_get(node, GF.c.saved_versions);
     if (saved == NULL || !PyTuple_CheckExact(saved) || PyTuple_GET_SIZE(saved) != count
-            || kinds == NULL || !PyList_CheckExact(kinds)
-            || PyList_GET_SIZE(kinds) != count) {
+            || kinds == NULL || !PyTuple_CheckExact(kinds)
+            || PyTuple_GET_SIZE(kinds) != count) {
         return -1;
     }
-    if (versions != NULL && PyList_CheckExact(versions)) {
+    if (versions != NULL && (PyList_CheckExact(versions) || PyTuple_CheckExact(versions))) {
         /* Only list counters holding the very object recorded are known
            current here; Python compares any other kind. */
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(versions); i++) {
-            PyObject *entry = PyList_GET_ITEM(versions, i);
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(versions); i++) {
+            PyObject *entry = PySequence_Fast_GET_ITEM(versions, i);
             if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3) {
                 return -1;
             }
@@ -459,7 +481,7 @@ read_saved(PyObject *node, PyObject **values, Py_ssize_t count)
     }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *value = PyTuple_GET_ITEM(saved, i);
-        if (PyList_GET_ITEM(kinds, i) == gf_str_input) {
+        if (PyTuple_GET_ITEM(kinds, i) == gf_str_input) {
             value = gf_get(value, GF.t.data);
         }
         values[i] = value;

@@ -351,8 +351,8 @@ gf_note_record(PyObject *ctx)
     if (!found && saved != NULL && PyTuple_CheckExact(saved)) {
         /* Inputs are earlier tensors, and outputs this record's own arrays. */
         for (Py_ssize_t i = 0; !found && i < PyTuple_GET_SIZE(saved); i++) {
-            PyObject *kind = kinds != NULL && PyList_CheckExact(kinds)
-                && i < PyList_GET_SIZE(kinds) ? PyList_GET_ITEM(kinds, i) : Py_None;
+            PyObject *kind = kinds != NULL && PyTuple_CheckExact(kinds)
+                && i < PyTuple_GET_SIZE(kinds) ? PyTuple_GET_ITEM(kinds, i) : Py_None;
             /* A packed input (saved_tensors_hooks) is kept as the hooks'
                own object, which may refer to anything. */
             if (kind == gf_str_input && gf_is_tensor(PyTuple_GET_ITEM(saved, i))) {

@@ -32,18 +32,54 @@ append_version(PyObject *versions, Py_ssize_t index, PyObject *counter)
     return status;
 }
 
+/* The last saved values of one or two items that were all None or Python
+   numbers, as a product with a number saves (None, 0.5). Numbers refer to
+   nothing, so keeping them here keeps nothing else alive. */
+static PyObject *shared_numbers[3];
+
+/* `saved`, or an equal tuple held in shared_numbers; steals `saved`. */
+static PyObject *
+share_numbers(PyObject *saved)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(saved);
+    if (n >= (Py_ssize_t)Py_ARRAY_LENGTH(shared_numbers)) {
+        return saved;
+    }
+    PyObject *last = shared_numbers[n];
+    int same = last != NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyTuple_GET_ITEM(saved, i);
+        if (value != Py_None && !PyFloat_CheckExact(value) && !PyLong_CheckExact(value)) {
+            return saved;
+        }
+        same = same && PyTuple_GET_ITEM(last, i) == value;
+    }
+    if (same) {
+        Py_DECREF(saved);
+        return Py_NewRef(last);
+    }
+    Py_XSETREF(shared_numbers[n], Py_NewRef(saved));
+    return saved;
+}
+
 /* Resolve what forward saved, as _function._resolve_saved does: a saved
    array that is a Tensor argument's array is kept as that Tensor (kind
    "input", with its version), an output as its index, anything else as it
-   is (kind None). Version entries of outputs follow those of inputs. */
+   is (kind None). Version entries of outputs follow those of inputs.
+
+   A record whose kinds are all None shares a tuple of them, and one without
+   version entries the empty tuple; one that saved only numbers may share
+   its saved values too (share_numbers). A graph of products with a number
+   (x * 0.5) then holds two lists and a tuple fewer per record. */
 int
 gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
              Py_ssize_t nargs, PyObject *const *raw, Py_ssize_t nraw,
              PyObject *const *outputs, PyObject *const *results, Py_ssize_t n_out)
 {
     PyObject *saved = PyTuple_New(nraw);
-    PyObject *kinds = PyList_New(nraw);
+    PyObject *kinds = PyTuple_New(nraw);
     PyObject *versions = PyList_New(0);
+    int no_kinds = 1;
     if (saved == NULL || kinds == NULL || versions == NULL) {
         goto error;
     }
@@ -72,15 +108,16 @@ gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
             kind = Py_None;
             Py_INCREF(kind);
         }
+        no_kinds = no_kinds && kind == Py_None;
         Py_INCREF(value);
         PyTuple_SET_ITEM(saved, i, value);
-        PyList_SET_ITEM(kinds, i, kind);
+        PyTuple_SET_ITEM(kinds, i, kind);
         if (counter != NULL && append_version(versions, i, counter) < 0) {
             goto error;
         }
     }
     for (Py_ssize_t i = 0; i < nraw; i++) {
-        PyObject *kind = PyList_GET_ITEM(kinds, i);
+        PyObject *kind = PyTuple_GET_ITEM(kinds, i);
         if (PyLong_CheckExact(kind)) {
             PyObject *result = results[PyLong_AsSsize_t(kind)];
             if (append_version(versions, i, gf_get(result, GF.t.version)) < 0) {
@@ -88,9 +125,15 @@ gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
             }
         }
     }
+    if (no_kinds && nraw <= GF_SHARED_KINDS) {
+        Py_SETREF(kinds, Py_NewRef(nraw == 0 ? gf_empty_tuple : gf_no_kinds[nraw]));
+    }
+    if (PyList_GET_SIZE(versions) == 0) {
+        Py_SETREF(versions, Py_NewRef(gf_empty_tuple));
+    }
     /* Kinds are strings, ints and None, and version entries refer to no
-       graph object, so neither list can be part of a cycle. Nor can the
-       saved tuple when it holds only arrays and numbers. */
+       graph object, so neither container can be part of a cycle. Nor can
+       the saved tuple when it holds only arrays and numbers. */
     PyObject_GC_UnTrack(kinds);
     PyObject_GC_UnTrack(versions);
     int atomic = 1;
@@ -99,6 +142,7 @@ gf_set_saved(PyObject *ctx, PyObject *const *args, PyObject *const *values,
     }
     if (atomic) {
         PyObject_GC_UnTrack(saved);
+        saved = share_numbers(saved);
     }
     gf_set_steal(ctx, GF.c.saved, saved);
     gf_set_steal(ctx, GF.c.saved_kinds, kinds);
@@ -134,15 +178,53 @@ meta_of_value(PyObject *value)
     return meta;
 }
 
+/* The input metadata last shared (see gf_set_inputs), by input count and by
+   a mask of the inputs without a gradient (bit k for a None at k). Products
+   with a number, (meta, None), and sums, (meta, meta), then do not evict
+   each other. */
+static PyObject *shared_metas[3][4];
+
+/* `metas`, or an equal tuple held in shared_metas; steals `metas`. */
+static PyObject *
+share_metas(PyObject *metas)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(metas);
+    if (n >= (Py_ssize_t)Py_ARRAY_LENGTH(shared_metas)) {
+        return metas;
+    }
+    int nones = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        nones |= (PyTuple_GET_ITEM(metas, k) == Py_None) << k;
+    }
+    PyObject **slot = &shared_metas[n][nones];
+    PyObject *last = *slot;
+    int same = last != NULL;
+    for (Py_ssize_t k = 0; same && k < n; k++) {
+        same = PyTuple_GET_ITEM(last, k) == PyTuple_GET_ITEM(metas, k);
+    }
+    if (same) {
+        Py_DECREF(metas);
+        return Py_NewRef(last);
+    }
+    Py_XSETREF(*slot, Py_NewRef(metas));
+    return metas;
+}
+
 /* Set a record's edges and input_meta, as _function._record does: an edge
    and (shape, dtype) for each input that needs a gradient, None for others.
    The metadata is read from each tensor's array as it is now, after
-   forward, as in Python. */
+   forward, as in Python.
+
+   With `share`, input_meta is a tuple, shared with earlier records that have
+   the same items: the elementwise ops take this, since nothing rewrites
+   their metadata. Other records get a list, which a checkpoint region
+   rewrites in its own record. */
 int
-gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_t n)
+gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_t n,
+              int share)
 {
     PyObject *edges = PyList_New(n);
-    PyObject *metas = PyList_New(n);
+    PyObject *metas = share ? PyTuple_New(n) : PyList_New(n);
     if (edges == NULL || metas == NULL) {
         goto error;
     }
@@ -174,10 +256,18 @@ gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_
             Py_INCREF(meta);
         }
         PyList_SET_ITEM(edges, k, edge);
-        PyList_SET_ITEM(metas, k, meta);
+        if (share) {
+            PyTuple_SET_ITEM(metas, k, meta);
+        }
+        else {
+            PyList_SET_ITEM(metas, k, meta);
+        }
     }
-    /* The metadata list holds only (shape, dtype) tuples and None. */
+    /* The metadata holds only (shape, dtype) tuples and None. */
     PyObject_GC_UnTrack(metas);
+    if (share) {
+        metas = share_metas(metas);
+    }
     gf_set_steal(ctx, GF.c.edges, edges);
     gf_set_steal(ctx, GF.c.input_meta, metas);
     return 0;
@@ -271,10 +361,10 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
        outputs' metadata may run Python code that rebinds the input's data
        and so frees that array. */
     PyObject *first = NULL;
-    PyObject *out_meta = PyList_New(n_out);
+    PyObject *out_meta = PyTuple_New(n_out);
     PyObject *results = PyTuple_New(n_out);
     if (out_meta == NULL || results == NULL
-            || gf_set_inputs(ctx, inputs, needs, n) < 0) {
+            || gf_set_inputs(ctx, inputs, needs, n, 0) < 0) {
         goto error;
     }
     for (Py_ssize_t k = 0; k < n && first == NULL; k++) {
@@ -288,7 +378,7 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
         if (meta == NULL) {
             goto error;
         }
-        PyList_SET_ITEM(out_meta, j, meta);
+        PyTuple_SET_ITEM(out_meta, j, meta);
     }
     PyObject_GC_UnTrack(out_meta);
 

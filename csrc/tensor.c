@@ -118,11 +118,11 @@ gf_meta_of_tensor(PyObject *tensor, PyArrayObject *array)
     if (!gf_is_none(grad_fn) && Py_IS_TYPE(grad_fn, GF.context_type)) {
         PyObject *out_meta = gf_get(grad_fn, GF.c.out_meta);
         PyObject *index = gf_get(tensor, GF.t.out_index);
-        if (out_meta != NULL && PyList_CheckExact(out_meta) && index != NULL
+        if (out_meta != NULL && PyTuple_CheckExact(out_meta) && index != NULL
                 && PyLong_CheckExact(index)) {
             Py_ssize_t i = PyLong_AsSsize_t(index);
-            if (i >= 0 && i < PyList_GET_SIZE(out_meta)) {
-                PyObject *meta = PyList_GET_ITEM(out_meta, i);
+            if (i >= 0 && i < PyTuple_GET_SIZE(out_meta)) {
+                PyObject *meta = PyTuple_GET_ITEM(out_meta, i);
                 if (gf_meta_matches(meta, array)) {
                     Py_INCREF(meta);
                     return meta;

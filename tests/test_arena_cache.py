@@ -8,7 +8,7 @@ from fresh_python import output_lines, run_python
 needs_extension = pytest.mark.skipif(_fastpath.extension is None,
                                      reason="the C extension is not built")
 
-# Builds a graph of about 30 MB, frees it, and builds it again. Prints the
+# Builds a graph of about 25 MB, frees it, and builds it again. Prints the
 # page faults of each build and the bytes the cache held in between.
 _REBUILD = """
 import resource
@@ -18,7 +18,7 @@ from gradflow import _fastpath
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-def build(steps=15000):
+def build(steps=25000):
     x = gf.tensor([0.5], requires_grad=True)
     y = x
     for _ in range(steps):

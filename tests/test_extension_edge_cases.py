@@ -55,7 +55,8 @@ def _record_of(ctx):
         "function": ctx.function.__qualname__,
         "needs": ctx.needs_input_grad,
         "edges": edges,
-        "input_meta": ctx.input_meta,
+        # A list or, in the elementwise ops' C records, a tuple.
+        "input_meta": list(ctx.input_meta),
         "out_meta": ctx.out_meta,
         "kinds": ctx._saved_kinds,
         "saved": [type(s).__name__ for s in ctx.saved],
@@ -689,6 +690,46 @@ def test_fast_op_attribute_assignment():
         assert gf.Tensor.__mul__.marker == "set by a test"
     finally:
         vars(gf.Tensor.__mul__).pop("marker", None)
+
+
+# -- metadata that elementwise records share ----------------------------------------
+
+@needs_extension
+def test_chain_records_share_metadata():
+    # Along a chain of one shape and dtype, the C records hold one metadata
+    # tuple each for inputs and outputs, and a product with a number keeps
+    # kinds and versions that it shares with every such product.
+    with _fastpath.enabled(True):
+        y = _leaf()
+        records = []
+        for _ in range(3):
+            y = y * 0.5 + y * 0.5
+            records += [y.grad_fn, y.grad_fn.edges[0][0]]
+    adds, products = records[2::2], records[3::2]
+    assert len({id(r.out_meta) for r in records[2:]}) == 1
+    assert len({id(r.input_meta) for r in adds}) == 1
+    assert len({id(r.input_meta) for r in products}) == 1
+    assert all(r._saved_kinds is products[0]._saved_kinds for r in products)
+    assert products[0]._saved_kinds == (None, None)
+    assert all(r._saved_versions == () for r in products)
+
+
+def test_alternating_shapes_and_dtypes_agree():
+    # Shared metadata must follow each record's own shape and dtype when
+    # records of different ones alternate.
+    def fn():
+        a = _leaf()
+        b = gf.tensor(np.arange(4, dtype=np.float32).reshape(2, 2), requires_grad=True)
+        c = gf.tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+        outs = []
+        x, y, z = a, b, c
+        for _ in range(3):
+            x, y, z = x * 2.0 + x, y * 0.5 - y, (z + z) * 3.0
+            outs += [x, y, z]
+        (x.sum() + y.sum() + z.sum()).backward()
+        return outs + [a.grad, b.grad, c.grad]
+
+    assert_paths_agree(fn)
 
 
 # -- crashes and object lifetimes (each in a fresh interpreter) -------------------

@@ -384,7 +384,7 @@ def _record(ctx, args, arrays, outputs, needs):
     ctx.edges = edges
     ctx.input_meta = meta
     ctx.array_module = np if type(first) is ndarray else array_module(first)
-    ctx.out_meta = [(o.shape, o.dtype) for o in outputs]
+    ctx.out_meta = tuple([(o.shape, o.dtype) for o in outputs])
     if ctx.saved:
         _resolve_saved(ctx, args, arrays, outputs)
 
@@ -420,7 +420,7 @@ def _resolve_saved(ctx, args, arrays, outputs):
     if saved_tensors_hooks:
         saved = _pack_saved(saved, kinds, positions)
     ctx.saved = tuple(saved)
-    ctx._saved_kinds = kinds
+    ctx._saved_kinds = tuple(kinds)
     ctx._saved_versions = versions
 
 
