@@ -13,9 +13,17 @@
  * system may still take its pages back under memory pressure. Until it
  * does, using the arena again costs no fault. gradflow installs the cache
  * once, at import (gradflow/_fastpath.py), for the life of the process.
+ *
+ * On Linux, new arenas are cut from slabs aligned to 2 MiB and advised
+ * MADV_HUGEPAGE, so that where the system grants transparent huge pages,
+ * two arenas take one TLB entry instead of 512. The graph-scaling benchmark
+ * at 10^5 steps ran about 6% faster so (benchmarks/RESULTS.md). A cached
+ * slab arena is marked MADV_FREE only together with its partner in the same
+ * huge page, because advising half of one splits it into small pages.
  */
 #include "gradflow.h"
 
+#include <stdint.h>
 #include <sys/mman.h>
 
 /* Python also takes smaller blocks through the arena allocator (16 KiB
@@ -28,13 +36,94 @@ static void **cached_arenas;
 static size_t n_cached, limit_bytes;
 static size_t arena_bytes;   /* size of Python's arenas, 0 until one is freed */
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define HUGE_PAGE_BYTES ((size_t)2 << 20)
+#define SLAB_BYTES ((size_t)32 << 20)
+/* Address space for 2 GiB of slabs; arenas beyond come from Python's own
+   allocator, in small pages. */
+#define MAX_SLABS 64
+
+static char *slabs[MAX_SLABS];
+static int n_slabs;
+static char *slab_next, *slab_end;  /* the unused rest of the newest slab */
+
+/* Return whether `ptr` lies in a slab, and so did not come from base.alloc. */
+static int
+in_slab(const void *ptr)
+{
+    for (int i = 0; i < n_slabs; i++) {
+        if ((const char *)ptr >= slabs[i] && (const char *)ptr < slabs[i] + SLAB_BYTES) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* A new arena of `size` bytes from a huge-page slab, or NULL. */
+static void *
+slab_arena(size_t size)
+{
+    if (size < MIN_ARENA_BYTES || HUGE_PAGE_BYTES % size != 0) {
+        return NULL;
+    }
+    if (slab_next == slab_end) {
+        if (n_slabs == MAX_SLABS) {
+            return NULL;
+        }
+        size_t span = SLAB_BYTES + HUGE_PAGE_BYTES;
+        char *start = mmap(NULL, span, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (start == MAP_FAILED) {
+            return NULL;
+        }
+        char *slab = (char *)(((uintptr_t)start + HUGE_PAGE_BYTES - 1)
+                              & ~(uintptr_t)(HUGE_PAGE_BYTES - 1));
+        /* Return the unaligned ends, so that only the slab stays mapped. */
+        if (slab > start) {
+            munmap(start, slab - start);
+        }
+        if (start + span > slab + SLAB_BYTES) {
+            munmap(slab + SLAB_BYTES, start + span - (slab + SLAB_BYTES));
+        }
+        /* Without huge pages the slab still serves, in small pages. */
+        madvise(slab, SLAB_BYTES, MADV_HUGEPAGE);
+        slabs[n_slabs++] = slab;
+        slab_next = slab;
+        slab_end = slab + SLAB_BYTES;
+    }
+    void *arena = slab_next;
+    slab_next += size;
+    return arena;
+}
+
+/* Mark the huge page of a cached slab arena free for the system once every
+   arena in that page is cached. */
+static void
+release_huge_page(void *ptr, size_t size)
+{
+    char *page = (char *)((uintptr_t)ptr & ~(uintptr_t)(HUGE_PAGE_BYTES - 1));
+    size_t found = 0;
+    for (size_t i = 0; i < n_cached; i++) {
+        char *other = cached_arenas[i];
+        found += other >= page && other < page + HUGE_PAGE_BYTES;
+    }
+    if (found * size == HUGE_PAGE_BYTES) {
+        madvise(page, HUGE_PAGE_BYTES, MADV_FREE);
+    }
+}
+#else
+static int in_slab(const void *ptr) { return 0; }
+static void *slab_arena(size_t size) { return NULL; }
+#endif
+
 static void *
 arena_alloc(void *ctx, size_t size)
 {
     if (n_cached > 0 && size == arena_bytes) {
         return cached_arenas[--n_cached];
     }
-    return base.alloc(base.ctx, size);
+    void *arena = slab_arena(size);
+    return arena != NULL ? arena : base.alloc(base.ctx, size);
 }
 
 static void
@@ -43,11 +132,22 @@ arena_free(void *ctx, void *ptr, size_t size)
     if (arena_bytes == 0 && size >= MIN_ARENA_BYTES) {
         arena_bytes = size;
     }
+    int sliced = in_slab(ptr);
     if (size == arena_bytes && (n_cached + 1) * arena_bytes <= limit_bytes) {
+        cached_arenas[n_cached++] = ptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        if (sliced) {
+            release_huge_page(ptr, size);
+            return;
+        }
+#endif
 #ifdef MADV_FREE
         madvise(ptr, size, MADV_FREE);
 #endif
-        cached_arenas[n_cached++] = ptr;
+        return;
+    }
+    if (sliced) {
+        munmap(ptr, size);
         return;
     }
     base.free(base.ctx, ptr, size);
@@ -87,8 +187,14 @@ gf_cache_arenas(PyObject *self, PyObject *arg)
 PyObject *
 gf_arena_cache_info(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:O,s:n,s:n}",
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    Py_ssize_t slab_bytes = (Py_ssize_t)(n_slabs * SLAB_BYTES);
+#else
+    Py_ssize_t slab_bytes = 0;
+#endif
+    return Py_BuildValue("{s:O,s:n,s:n,s:n}",
                          "installed", cached_arenas != NULL ? Py_True : Py_False,
                          "cached_bytes", (Py_ssize_t)(n_cached * arena_bytes),
-                         "limit_bytes", (Py_ssize_t)limit_bytes);
+                         "limit_bytes", (Py_ssize_t)limit_bytes,
+                         "slab_bytes", slab_bytes);
 }
