@@ -83,9 +83,9 @@ static void
 for_record_containers(PyObject *ctx, void (*fn)(PyObject *))
 {
     PyObject *edges = gf_get(ctx, GF.c.edges);
-    if (edges != NULL && PyList_CheckExact(edges)) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(edges); i++) {
-            PyObject *edge = PyList_GET_ITEM(edges, i);
+    if (edges != NULL && (PyList_CheckExact(edges) || PyTuple_CheckExact(edges))) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(edges); i++) {
+            PyObject *edge = PySequence_Fast_GET_ITEM(edges, i);
             if (PyTuple_CheckExact(edge)) {
                 fn(edge);
             }
@@ -122,9 +122,9 @@ static int
 refers_to_open_tensor(PyObject *ctx)
 {
     PyObject *edges = gf_get(ctx, GF.c.edges);
-    if (edges != NULL && PyList_CheckExact(edges)) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(edges); i++) {
-            if (tensor_takes_attributes(PyList_GET_ITEM(edges, i))) {
+    if (edges != NULL && (PyList_CheckExact(edges) || PyTuple_CheckExact(edges))) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(edges); i++) {
+            if (tensor_takes_attributes(PySequence_Fast_GET_ITEM(edges, i))) {
                 return 1;
             }
         }

@@ -215,15 +215,15 @@ share_metas(PyObject *metas)
    The metadata is read from each tensor's array as it is now, after
    forward, as in Python.
 
-   With `share`, input_meta is a tuple, shared with earlier records that have
-   the same items: the elementwise ops take this, since nothing rewrites
-   their metadata. Other records get a list, which a checkpoint region
-   rewrites in its own record. */
+   With `share`, the elementwise ops' case, both are tuples (one allocation
+   each, and one pointer fewer for backward to follow), and input_meta is
+   shared with earlier records that have the same items. Other records get
+   lists, because a checkpoint region rewrites its own record's. */
 int
 gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_t n,
               int share)
 {
-    PyObject *edges = PyList_New(n);
+    PyObject *edges = share ? PyTuple_New(n) : PyList_New(n);
     PyObject *metas = share ? PyTuple_New(n) : PyList_New(n);
     if (edges == NULL || metas == NULL) {
         goto error;
@@ -255,11 +255,12 @@ gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_
             Py_INCREF(edge);
             Py_INCREF(meta);
         }
-        PyList_SET_ITEM(edges, k, edge);
         if (share) {
+            PyTuple_SET_ITEM(edges, k, edge);
             PyTuple_SET_ITEM(metas, k, meta);
         }
         else {
+            PyList_SET_ITEM(edges, k, edge);
             PyList_SET_ITEM(metas, k, meta);
         }
     }

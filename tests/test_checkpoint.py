@@ -114,6 +114,22 @@ def test_captured_tensor_with_graph():
     assert np.array_equal(got[1], x.grad.numpy())
 
 
+def test_cut_region_edges_of_c_record():
+    # An elementwise op's C record keeps its edges in a tuple, which the cut
+    # replaces with a list that points at the proxy.
+    from gradflow.checkpoint import _region
+
+    a = gf.randn(5, requires_grad=True)
+    h = a * 3.0
+    t = gf.randn(5, requires_grad=True)
+    record = (t * h).grad_fn
+    outside = (h.grad_fn, h._out_index)
+    proxy = gf.randn(5, requires_grad=True)
+    _region._cut_region_edges([record], {outside: proxy})
+    assert record.edges[0] is t
+    assert record.edges[1] is proxy
+
+
 def test_outputs_kwargs_and_constants():
     x = gf.randn(3, 4, requires_grad=True)
     w = gf.randn(4, 4, requires_grad=True)

@@ -368,10 +368,12 @@ def _proxies_for(externals):
 
 def _cut_region_edges(records, proxies):
     # An edge from a recomputed record to a record outside the region (a
-    # captured tensor with a graph) is pointed at that tensor's proxy.
+    # captured tensor with a graph) is pointed at that tensor's proxy. The
+    # edges are copied into a new list first, because an elementwise op's C
+    # record keeps them in a tuple.
     inside = set(records)
     for record in records:
-        edges = record.edges
+        edges = record.edges = list(record.edges)
         for i, edge in enumerate(edges):
             if type(edge) is tuple and edge[0] not in inside:
                 proxy = proxies.get(edge)
@@ -390,7 +392,7 @@ def _splice_proxies(records, proxies):
     # each proxy takes that record as its grad_fn for records made later.
     by_id = {id(p): key for key, p in proxies.items()}
     for record in records:
-        edges = record.edges
+        edges = record.edges = list(record.edges)
         for i, edge in enumerate(edges):
             key = by_id.get(id(edge))
             if key is not None and type(edge) is not tuple:
