@@ -18,34 +18,43 @@
  * MADV_HUGEPAGE, so that where the system grants transparent huge pages,
  * two arenas take one TLB entry instead of 512. The graph-scaling benchmark
  * at 10^5 steps ran about 6% faster so (benchmarks/RESULTS.md). A cached
- * slab arena is marked MADV_FREE only together with its partner in the same
- * huge page, because advising half of one splits it into small pages.
+ * slab arena is marked MADV_FREE only once its whole huge page is free,
+ * because advising half of one splits it into small pages. A slab arena
+ * that the cache has no room for gives its pages back (MADV_DONTNEED) but
+ * keeps its address for a later arena, so slabs grow only with the arenas
+ * in use at one time, not with every graph built.
  */
 #include "gradflow.h"
 
 #include <stdint.h>
 #include <sys/mman.h>
 
-/* Python also takes smaller blocks through the arena allocator (16 KiB
-   chunks of the frame stack), so only blocks at least this large count as
-   arenas. */
-#define MIN_ARENA_BYTES ((size_t)256 << 10)
+/* Python's arenas are 1 MiB on 64-bit builds and 256 KiB on 32-bit ones.
+   Other blocks come through the arena allocator too, such as chunks of the
+   frame stack (16 KiB, or as large as one frame needs). Those pass straight
+   to Python's own allocator. */
+#define ARENA_BYTES ((size_t)(SIZEOF_VOID_P > 4 ? 1 << 20 : 256 << 10))
 
 static PyObjectArenaAllocator base;
 static void **cached_arenas;
 static size_t n_cached, limit_bytes;
-static size_t arena_bytes;   /* size of Python's arenas, 0 until one is freed */
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 #define HUGE_PAGE_BYTES ((size_t)2 << 20)
 #define SLAB_BYTES ((size_t)32 << 20)
-/* Address space for 2 GiB of slabs; arenas beyond come from Python's own
-   allocator, in small pages. */
+/* Address space for 2 GiB of arenas in use at once; arenas beyond come
+   from Python's own allocator, in small pages. */
 #define MAX_SLABS 64
+#define MAX_SLAB_ARENAS (MAX_SLABS * (SLAB_BYTES / ARENA_BYTES))
 
 static char *slabs[MAX_SLABS];
 static int n_slabs;
 static char *slab_next, *slab_end;  /* the unused rest of the newest slab */
+/* Slab arenas whose pages went back to the system (MADV_DONTNEED), kept as
+   addresses for new arenas: slabs are never unmapped, so that their space
+   serves again and keeps its huge-page alignment. */
+static void *returned[MAX_SLAB_ARENAS];
+static size_t n_returned;
 
 /* Return whether `ptr` lies in a slab, and so did not come from base.alloc. */
 static int
@@ -59,14 +68,17 @@ in_slab(const void *ptr)
     return 0;
 }
 
-/* A new arena of `size` bytes from a huge-page slab, or NULL. */
+/* Return a new arena from a huge-page slab, or NULL to use base.alloc. */
 static void *
-slab_arena(size_t size)
+slab_arena(void)
 {
-    if (size < MIN_ARENA_BYTES || HUGE_PAGE_BYTES % size != 0) {
+    if (HUGE_PAGE_BYTES % ARENA_BYTES != 0) {
         return NULL;
     }
-    if (slab_next == slab_end) {
+    if (n_returned > 0) {
+        return returned[--n_returned];
+    }
+    if ((size_t)(slab_end - slab_next) < ARENA_BYTES) {
         if (n_slabs == MAX_SLABS) {
             return NULL;
         }
@@ -92,62 +104,86 @@ slab_arena(size_t size)
         slab_end = slab + SLAB_BYTES;
     }
     void *arena = slab_next;
-    slab_next += size;
+    slab_next += ARENA_BYTES;
     return arena;
 }
 
-/* Mark the huge page of a cached slab arena free for the system once every
-   arena in that page is cached. */
+static size_t
+count_in_page(void *const *arenas, size_t n, const char *page)
+{
+    size_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *arena = arenas[i];
+        found += arena >= page && arena < page + HUGE_PAGE_BYTES;
+    }
+    return found;
+}
+
+/* Mark the huge page of a freed slab arena free for the system once no
+   arena in it is in use: advising only part of a huge page splits it. A
+   cached arena whose neighbour is still in use stays resident until then. */
 static void
-release_huge_page(void *ptr, size_t size)
+release_huge_page(const void *ptr)
 {
     char *page = (char *)((uintptr_t)ptr & ~(uintptr_t)(HUGE_PAGE_BYTES - 1));
-    size_t found = 0;
-    for (size_t i = 0; i < n_cached; i++) {
-        char *other = cached_arenas[i];
-        found += other >= page && other < page + HUGE_PAGE_BYTES;
-    }
-    if (found * size == HUGE_PAGE_BYTES) {
+    size_t free_arenas = count_in_page(cached_arenas, n_cached, page)
+        + count_in_page(returned, n_returned, page);
+    if (free_arenas * ARENA_BYTES == HUGE_PAGE_BYTES) {
         madvise(page, HUGE_PAGE_BYTES, MADV_FREE);
     }
 }
+
+/* Take a slab arena that the cache has no room for: its pages go back to
+   the system and its address stays for a later arena. */
+static void
+return_slab_arena(void *ptr)
+{
+    madvise(ptr, ARENA_BYTES, MADV_DONTNEED);
+    returned[n_returned++] = ptr;
+    release_huge_page(ptr);
+}
 #else
 static int in_slab(const void *ptr) { return 0; }
-static void *slab_arena(size_t size) { return NULL; }
+static void *slab_arena(void) { return NULL; }
+static void release_huge_page(const void *ptr) {}
+static void return_slab_arena(void *ptr) {}
 #endif
 
 static void *
 arena_alloc(void *ctx, size_t size)
 {
-    if (n_cached > 0 && size == arena_bytes) {
+    if (size != ARENA_BYTES) {
+        return base.alloc(base.ctx, size);
+    }
+    if (n_cached > 0) {
         return cached_arenas[--n_cached];
     }
-    void *arena = slab_arena(size);
+    void *arena = slab_arena();
     return arena != NULL ? arena : base.alloc(base.ctx, size);
 }
 
 static void
 arena_free(void *ctx, void *ptr, size_t size)
 {
-    if (arena_bytes == 0 && size >= MIN_ARENA_BYTES) {
-        arena_bytes = size;
+    if (size != ARENA_BYTES) {
+        base.free(base.ctx, ptr, size);
+        return;
     }
     int sliced = in_slab(ptr);
-    if (size == arena_bytes && (n_cached + 1) * arena_bytes <= limit_bytes) {
+    if ((n_cached + 1) * ARENA_BYTES <= limit_bytes) {
         cached_arenas[n_cached++] = ptr;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
         if (sliced) {
-            release_huge_page(ptr, size);
-            return;
+            release_huge_page(ptr);
         }
-#endif
 #ifdef MADV_FREE
-        madvise(ptr, size, MADV_FREE);
+        else {
+            madvise(ptr, size, MADV_FREE);
+        }
 #endif
         return;
     }
     if (sliced) {
-        munmap(ptr, size);
+        return_slab_arena(ptr);
         return;
     }
     base.free(base.ctx, ptr, size);
@@ -173,8 +209,7 @@ gf_cache_arenas(PyObject *self, PyObject *arg)
         Py_RETURN_NONE;
     }
     limit_bytes = (size_t)limit_mb << 20;
-    /* Room for as many arenas as the limit allows if all had the least size. */
-    cached_arenas = PyMem_RawMalloc(limit_bytes / MIN_ARENA_BYTES * sizeof(void *));
+    cached_arenas = PyMem_RawMalloc(Py_MAX(limit_bytes / ARENA_BYTES, 1) * sizeof(void *));
     if (cached_arenas == NULL) {
         return PyErr_NoMemory();
     }
@@ -194,7 +229,7 @@ gf_arena_cache_info(PyObject *self, PyObject *unused)
 #endif
     return Py_BuildValue("{s:O,s:n,s:n,s:n}",
                          "installed", cached_arenas != NULL ? Py_True : Py_False,
-                         "cached_bytes", (Py_ssize_t)(n_cached * arena_bytes),
+                         "cached_bytes", (Py_ssize_t)(n_cached * ARENA_BYTES),
                          "limit_bytes", (Py_ssize_t)limit_bytes,
                          "slab_bytes", slab_bytes);
 }

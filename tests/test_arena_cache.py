@@ -95,6 +95,57 @@ def test_arenas_come_from_huge_page_slabs():
     assert int(lazy_kb) << 10 >= int(cached) - (4 << 20)
 
 
+# A frame with 20,000 locals makes Python take a 256 KiB chunk of frame
+# stack through the arena allocator. Such blocks must not come from the
+# slabs, whose 1 MiB arenas would then run past a slab's end. The script
+# then fills more than one slab with objects and still caches arenas.
+_LARGE_FRAME = """
+import gradflow as gf
+from gradflow import _fastpath
+
+namespace = {}
+body = "".join(f"    v{i} = {i}\\n" for i in range(20000))
+exec("def large():\\n" + body + "    return 0\\n", namespace)
+namespace["large"]()
+objects = [[float(i)] for i in range(1_000_000)]
+del objects
+print(_fastpath.extension.arena_cache_info()["cached_bytes"])
+"""
+
+
+@needs_extension
+def test_large_frame_chunk_leaves_arenas_intact():
+    (cached,) = output_lines(_LARGE_FRAME)[-1].split()
+    assert int(cached) >= 16 << 20
+
+
+# Builds and frees a graph of about 30 MB five times with a 1 MiB cache, and
+# prints the bytes of slabs after each build.
+_CHURN = """
+import gradflow as gf
+from gradflow import _fastpath
+
+for _ in range(5):
+    x = gf.tensor([0.5], requires_grad=True)
+    y = x
+    for _ in range(30000):
+        y = y * 0.5 + y * 0.5
+    print(_fastpath.extension.arena_cache_info()["slab_bytes"])
+    del x, y
+"""
+
+
+@needs_extension
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page slabs are Linux only")
+def test_slabs_serve_again_after_churn():
+    # Arenas beyond the cache's limit give their pages back but keep their
+    # addresses, so later graphs reuse the slabs instead of mapping more.
+    sizes = [int(line) for line in output_lines(_CHURN, GRADFLOW_ARENA_CACHE_MB="1")]
+    assert len(sizes) == 5
+    assert sizes[0] >= 32 << 20
+    assert sizes[-1] == sizes[0]
+
+
 @needs_extension
 def test_zero_leaves_the_allocator_alone():
     installed, limit, first, cached, second, slab_bytes, _ = output_lines(
