@@ -94,7 +94,7 @@ find(Walk *w, PyObject *node)
         }
         gf_record_base *record = (gf_record_base *)node;
         Py_ssize_t k = record->state;
-        if (record->walk != w->serial || k < 0 || k >= w->count
+        if (record->walk != (uint32_t)w->serial || k < 0 || k >= w->count
                 || w->buffers.states[k].node != node) {
             return -1;
         }
@@ -167,6 +167,11 @@ insert(Walk *w, PyObject *node)
                           sizeof(NodeState)) < 0) {
         return -1;
     }
+    if (w->stamps && w->count == INT32_MAX) {
+        PyErr_SetString(PyExc_MemoryError,
+                        "backward: the graph has more than 2**31 - 1 records");
+        return -1;
+    }
     Py_ssize_t k = w->count++;
     NodeState *st = &w->buffers.states[k];
     memset(st, 0, sizeof(*st));
@@ -175,8 +180,8 @@ insert(Walk *w, PyObject *node)
     if (w->stamps) {
         /* Both callers of find_or_insert check that `node` is a record. */
         assert(PyObject_TypeCheck(node, GF.context_type));
-        ((gf_record_base *)node)->walk = w->serial;
-        ((gf_record_base *)node)->state = k;
+        ((gf_record_base *)node)->walk = (uint32_t)w->serial;
+        ((gf_record_base *)node)->state = (int32_t)k;
         return k;
     }
     size_t mask = w->table_size - 1;

@@ -38,7 +38,7 @@ typedef struct {
 typedef struct {
     Py_ssize_t function, edges, input_meta, needs_input_grad, out_meta, saved,
         saved_kinds, saved_versions, released, hooks, retained, xp,
-        array_module, op, non_diff;
+        array_module, op;
 } gf_context_slots;
 
 /* What gradflow.bind() hands over; valid once `bound` is set. */
@@ -92,6 +92,7 @@ extern PyObject *gf_str_backward;
 extern PyObject *gf_str_forward;
 extern PyObject *gf_str_release;
 extern PyObject *gf_str_anomaly_hook;
+extern PyObject *gf_str_non_diff;   /* "_non_diff", kept in a record's __dict__ */
 extern PyObject *gf_str_dot;        /* "." */
 extern PyObject *gf_str_gradflow_prefix; /* "gradflow." */
 extern PyObject *gf_empty_tuple;
@@ -205,8 +206,13 @@ PyObject *gf_run_backward(PyObject *self, PyObject *args);
    keeps the record's place here, so that finding it costs no table lookup. */
 typedef struct gf_record_base {
     PyObject_HEAD
-    unsigned long long walk;  /* serial of the walk that entered the record */
-    Py_ssize_t state;         /* the record's index in that walk's states */
+    /* The low 32 bits of the serial of the walk that entered the record,
+       and the record's index in that walk's states. With 32 bits each, a
+       record takes 192 bytes instead of 208. A walk checks that the state
+       it finds refers to this record, so a serial that wrapped around is
+       harmless. */
+    uint32_t walk;
+    int32_t state;
     /* Links of the list of untracked records (records.c); NULL when the
        record is not on it. The list owns no references. */
     struct gf_record_base *prev_untracked, *next_untracked;

@@ -11,6 +11,7 @@ PyObject *gf_str_backward;
 PyObject *gf_str_forward;
 PyObject *gf_str_release;
 PyObject *gf_str_anomaly_hook;
+PyObject *gf_str_non_diff;
 PyObject *gf_str_dot;
 PyObject *gf_str_gradflow_prefix;
 PyObject *gf_empty_tuple;
@@ -130,8 +131,7 @@ bind_slots(void)
             || slot_offset(c, "_retained", &cs->retained) < 0
             || slot_offset(c, "xp", &cs->xp) < 0
             || slot_offset(c, "array_module", &cs->array_module) < 0
-            || slot_offset(c, "_op", &cs->op) < 0
-            || slot_offset(c, "_non_diff", &cs->non_diff) < 0) {
+            || slot_offset(c, "_op", &cs->op) < 0) {
         return -1;
     }
     return 0;
@@ -289,6 +289,7 @@ make_constants(void)
     gf_str_forward = PyUnicode_InternFromString("forward");
     gf_str_release = PyUnicode_InternFromString("release");
     gf_str_anomaly_hook = PyUnicode_InternFromString("anomaly_hook");
+    gf_str_non_diff = PyUnicode_InternFromString("_non_diff");
     gf_str_dot = PyUnicode_InternFromString(".");
     gf_str_gradflow_prefix = PyUnicode_InternFromString("gradflow.");
     gf_empty_tuple = PyTuple_New(0);
@@ -309,6 +310,7 @@ make_constants(void)
         }
     }
     return (gf_str_input && gf_str_backward && gf_str_forward && gf_str_release && gf_str_anomaly_hook
+            && gf_str_non_diff
             && gf_str_dot && gf_str_gradflow_prefix && gf_empty_tuple && gf_needs[1][0] && gf_needs[2][0] && gf_needs[2][1]
             && gf_needs[2][2]) ? 0 : -1;
 }

@@ -295,7 +295,6 @@ gf_new_context(PyObject *function, PyObject *needs_input_grad)
     gf_set(ctx, GF.c.hooks, Py_None);
     gf_set(ctx, GF.c.retained, Py_None);
     gf_set(ctx, GF.c.op, Py_None);
-    gf_set(ctx, GF.c.non_diff, Py_None);
     return ctx;
 }
 
@@ -346,6 +345,28 @@ check_output(PyObject *function, PyObject *value)
     Py_XDECREF(name);
     Py_XDECREF(type_name);
     return -1;
+}
+
+/* Remove and return (as a new reference) the arrays that forward named in
+   mark_non_differentiable, from the record's __dict__. Returns NULL when
+   there are none, or with an exception set on error. */
+static PyObject *
+take_non_diff(PyObject *ctx)
+{
+    PyObject **dict = _PyObject_GetDictPtr(ctx);
+    if (dict == NULL || *dict == NULL) {
+        return NULL;
+    }
+    PyObject *non_diff = PyDict_GetItemWithError(*dict, gf_str_non_diff);
+    if (non_diff == NULL) {
+        return NULL;
+    }
+    Py_INCREF(non_diff);
+    if (PyDict_DelItem(*dict, gf_str_non_diff) < 0) {
+        Py_DECREF(non_diff);
+        return NULL;
+    }
+    return non_diff;
 }
 
 /* The steps of Function.apply after forward returned `out`: the record's
@@ -411,10 +432,14 @@ record_outputs(PyObject *ctx, PyObject *cls, PyObject *const *inputs,
         PyTuple_SET_ITEM(results, j, t);
     }
 
-    PyObject *non_diff = gf_get(ctx, GF.c.non_diff);
-    if (!gf_is_none(non_diff)) {
-        Py_INCREF(non_diff);
-        gf_set(ctx, GF.c.non_diff, Py_None);
+    PyObject *non_diff = take_non_diff(ctx);
+    if (non_diff == NULL && PyErr_Occurred()) {
+        goto error;
+    }
+    if (non_diff == Py_None) {
+        Py_CLEAR(non_diff);
+    }
+    if (non_diff != NULL) {
         PyObject *seq = PySequence_Fast(non_diff, "mark_non_differentiable takes arrays");
         Py_DECREF(non_diff);
         if (seq == NULL) {

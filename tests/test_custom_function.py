@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gradflow as gf
+from gradflow import _fastpath
 from conftest import to_host
 from gradflow.errors import GraphError
 
@@ -145,6 +146,17 @@ def test_mark_non_differentiable_output(device):
     assert not order.requires_grad
     assert order.grad_fn is None
     np.testing.assert_array_equal(to_host(order), [1, 2, 0])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_mark_non_differentiable_not_kept(fast):
+    # apply reads the marked arrays and drops them, so the record does not
+    # hold the output array it names.
+    with _fastpath.enabled(fast):
+        values, _ = SortValues.apply(_leaf([3.0, 1.0, 2.0], gf.device("cpu")))
+    record = values.grad_fn
+    assert "_non_diff" not in vars(record)
+    assert record._non_diff is None
 
 
 def test_mark_non_differentiable_backward(device):

@@ -72,7 +72,7 @@ class Context(object if extension is None else extension.RecordBase):
     __slots__ = (
         "function", "edges", "input_meta", "needs_input_grad", "out_meta",
         "saved", "_saved_kinds", "_saved_versions", "_released", "_hooks",
-        "_retained", "xp", "array_module", "_op", "_non_diff", "__dict__",
+        "_retained", "xp", "array_module", "_op", "__dict__",
         "__weakref__",
     )
 
@@ -85,7 +85,6 @@ class Context(object if extension is None else extension.RecordBase):
         # The C extension's op code for records it made, whose backward it
         # can run itself; None for records made in Python.
         self._op = None
-        self._non_diff = None
 
     @property
     def name(self):
@@ -95,6 +94,11 @@ class Context(object if extension is None else extension.RecordBase):
     def save_for_backward(self, *arrays):
         """Keep ``arrays`` (forward's inputs, outputs or temporaries) for backward."""
         self.saved = arrays
+
+    # The arrays that mark_non_differentiable names stay in the record's
+    # __dict__ until apply has read them. Few records have any, so a slot
+    # for them would make every record larger.
+    _non_diff = None
 
     def mark_non_differentiable(self, *arrays):
         """Declare outputs (by array identity) that carry no gradient."""
@@ -330,7 +334,8 @@ class Function:
         else:
             results = (make_tensor(out, ctx, 0),)
         non_diff = ctx._non_diff
-        ctx._non_diff = None
+        if non_diff is not None:
+            del ctx._non_diff
         if non_diff:
             for t in results:
                 if any(t.data is a for a in non_diff):
