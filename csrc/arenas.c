@@ -108,6 +108,8 @@ slab_arena(void)
     return arena;
 }
 
+/* Count the arenas among the `n` at `arenas` that lie in the huge page at
+   `page`. */
 static size_t
 count_in_page(void *const *arenas, size_t n, const char *page)
 {
@@ -174,11 +176,10 @@ arena_free(void *ctx, void *ptr, size_t size)
         cached_arenas[n_cached++] = ptr;
         if (sliced) {
             release_huge_page(ptr);
+            return;
         }
 #ifdef MADV_FREE
-        else {
-            madvise(ptr, size, MADV_FREE);
-        }
+        madvise(ptr, size, MADV_FREE);
 #endif
         return;
     }

@@ -32,12 +32,30 @@ append_version(PyObject *versions, Py_ssize_t index, PyObject *counter)
     return status;
 }
 
+/* Return the tuple in `*slot` if it has the very items of `tuple`, and
+   otherwise `tuple`, which then takes the slot. Steals `tuple`. */
+static PyObject *
+share_tuple(PyObject **slot, PyObject *tuple)
+{
+    PyObject *last = *slot;
+    int same = last != NULL && PyTuple_GET_SIZE(last) == PyTuple_GET_SIZE(tuple);
+    for (Py_ssize_t i = 0; same && i < PyTuple_GET_SIZE(tuple); i++) {
+        same = PyTuple_GET_ITEM(last, i) == PyTuple_GET_ITEM(tuple, i);
+    }
+    if (same) {
+        Py_DECREF(tuple);
+        return Py_NewRef(last);
+    }
+    Py_XSETREF(*slot, Py_NewRef(tuple));
+    return tuple;
+}
+
 /* The last saved values of one or two items that were all None or Python
    numbers, as a product with a number saves (None, 0.5). Numbers refer to
    nothing, so keeping them here keeps nothing else alive. */
 static PyObject *shared_numbers[3];
 
-/* `saved`, or an equal tuple held in shared_numbers; steals `saved`. */
+/* Return `saved`, or an equal tuple from shared_numbers. Steals `saved`. */
 static PyObject *
 share_numbers(PyObject *saved)
 {
@@ -45,21 +63,13 @@ share_numbers(PyObject *saved)
     if (n >= (Py_ssize_t)Py_ARRAY_LENGTH(shared_numbers)) {
         return saved;
     }
-    PyObject *last = shared_numbers[n];
-    int same = last != NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *value = PyTuple_GET_ITEM(saved, i);
         if (value != Py_None && !PyFloat_CheckExact(value) && !PyLong_CheckExact(value)) {
             return saved;
         }
-        same = same && PyTuple_GET_ITEM(last, i) == value;
     }
-    if (same) {
-        Py_DECREF(saved);
-        return Py_NewRef(last);
-    }
-    Py_XSETREF(shared_numbers[n], Py_NewRef(saved));
-    return saved;
+    return share_tuple(&shared_numbers[n], saved);
 }
 
 /* Resolve what forward saved, as _function._resolve_saved does: a saved
@@ -184,7 +194,7 @@ meta_of_value(PyObject *value)
    each other. */
 static PyObject *shared_metas[3][4];
 
-/* `metas`, or an equal tuple held in shared_metas; steals `metas`. */
+/* Return `metas`, or an equal tuple from shared_metas. Steals `metas`. */
 static PyObject *
 share_metas(PyObject *metas)
 {
@@ -196,18 +206,7 @@ share_metas(PyObject *metas)
     for (Py_ssize_t k = 0; k < n; k++) {
         nones |= (PyTuple_GET_ITEM(metas, k) == Py_None) << k;
     }
-    PyObject **slot = &shared_metas[n][nones];
-    PyObject *last = *slot;
-    int same = last != NULL;
-    for (Py_ssize_t k = 0; same && k < n; k++) {
-        same = PyTuple_GET_ITEM(last, k) == PyTuple_GET_ITEM(metas, k);
-    }
-    if (same) {
-        Py_DECREF(metas);
-        return Py_NewRef(last);
-    }
-    Py_XSETREF(*slot, Py_NewRef(metas));
-    return metas;
+    return share_tuple(&shared_metas[n][nones], metas);
 }
 
 /* Set a record's edges and input_meta, as _function._record does: an edge
@@ -264,7 +263,7 @@ gf_set_inputs(PyObject *ctx, PyObject *const *args, const char *needs, Py_ssize_
             PyList_SET_ITEM(metas, k, meta);
         }
     }
-    /* The metadata holds only (shape, dtype) tuples and None. */
+    /* The metadata contains only (shape, dtype) tuples and None. */
     PyObject_GC_UnTrack(metas);
     if (share) {
         metas = share_metas(metas);

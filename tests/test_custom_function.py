@@ -150,8 +150,8 @@ def test_mark_non_differentiable_output(device):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_mark_non_differentiable_not_kept(fast):
-    # apply reads the marked arrays and drops them, so the record does not
-    # hold the output array it names.
+    # apply reads the marked arrays and then drops them, so the record
+    # keeps no reference to the output array it names.
     with _fastpath.enabled(fast):
         values, _ = SortValues.apply(_leaf([3.0, 1.0, 2.0], gf.device("cpu")))
     record = values.grad_fn

@@ -696,9 +696,9 @@ def test_fast_op_attribute_assignment():
 
 @needs_extension
 def test_chain_records_share_metadata():
-    # Along a chain of one shape and dtype, the C records hold one metadata
-    # tuple each for inputs and outputs, and a product with a number keeps
-    # kinds and versions that it shares with every such product.
+    # Along a chain of one shape and dtype, the C records share one metadata
+    # tuple for outputs and one per op for inputs, and every product with a
+    # number shares its kinds and version entries.
     with _fastpath.enabled(True):
         y = _leaf()
         records = []
