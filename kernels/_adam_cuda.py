@@ -23,7 +23,7 @@ import numpy as np
 from numba import cuda, float64
 
 from ._adam_cpu import (
-    DECAY, EXP_AVG, EXP_AVG_SQ, GRAD, MAX_EXP_AVG_SQ, PARAM, SQRT_BIAS_CORRECTION2,
+    DECAY, EXP_AVG, EXP_AVG_SQ, GRAD, INV_SQRT_BIAS_CORRECTION2, MAX_EXP_AVG_SQ, PARAM,
     STEP_SIZE,
 )
 from ._clip_cpu import CHUNK, chunk_table
@@ -60,7 +60,7 @@ def _adam_kernel(addresses, tensor, start, stop, like, scalars,
             # Without amsgrad the column contains 0, which is never dereferenced.
             max_sq = as_pointer(addresses[t, MAX_EXP_AVG_SQ], like)
         step_size = scalars[t, STEP_SIZE]
-        correction = scalars[t, SQRT_BIAS_CORRECTION2]
+        inv_correction = scalars[t, INV_SQRT_BIAS_CORRECTION2]
         decay = scalars[t, DECAY]
         for j in range(start[c] + cuda.threadIdx.x, stop[c], cuda.blockDim.x):
             p = float64(param[j]) * decay
@@ -85,7 +85,7 @@ def _adam_kernel(addresses, tensor, start, stop, like, scalars,
                     v_max = v
                 max_sq[j] = v_max
                 v = v_max
-            param[j] = p - step_size * m / (math.sqrt(v) / correction + eps)
+            param[j] = p - step_size * m / (math.sqrt(v) * inv_correction + eps)
 
 
 class CudaAdamTable:

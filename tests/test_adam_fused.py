@@ -470,7 +470,7 @@ def test_fused_subnormal_moment_float64_root(numpy_fused_calls):
     m = ((1.0 - beta1) * g).astype(np.float32).astype(np.float64)
     v = ((1.0 - beta2) * g * g).astype(np.float32)
     assert np.mean((v != 0) & (np.abs(v) < np.finfo(np.float32).tiny)) > 0.9
-    step_size, correction = lr / (1.0 - beta1), np.sqrt(1.0 - beta2)
-    expected = 0.0 - step_size * m / (np.sqrt(v.astype(np.float64)) / correction + 1e-30)
+    step_size, inv_correction = lr / (1.0 - beta1), 1.0 / np.sqrt(1.0 - beta2)
+    expected = 0.0 - step_size * m / (np.sqrt(v.astype(np.float64)) * inv_correction + 1e-30)
     np.testing.assert_array_equal(optimizer.state[p]["exp_avg_sq"].data, v)
     np.testing.assert_array_equal(p.data, expected.astype(np.float32))

@@ -224,7 +224,7 @@ def _step_scalars(group, step, decoupled):
     lr, weight_decay = group["lr"], group["weight_decay"]
     beta1, beta2 = group["betas"]
     decay = 1 - lr * weight_decay if decoupled else 1.0
-    return (lr / (1 - beta1**step), math.sqrt(1 - beta2**step), decay)
+    return (lr / (1 - beta1**step), 1 / math.sqrt(1 - beta2**step), decay)
 
 
 def _loop_options(group, decoupled):
