@@ -73,6 +73,7 @@ PyTypeObject GF_RecordBaseType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_new = PyType_GenericNew,
     .tp_dealloc = gf_record_base_dealloc,
+    .tp_setattro = gf_record_setattro,
 };
 
 /* -- the node table --------------------------------------------------------- */

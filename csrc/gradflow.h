@@ -198,6 +198,9 @@ PyObject *gf_records_tracked(PyObject *self, PyObject *unused);
    later tensor (see records.c). */
 int gf_note_record(PyObject *ctx);
 PyObject *gf_py_note_record(PyObject *self, PyObject *ctx);
+/* The record base's setattr: an attribute set after the record was made
+   gets the check that gf_note_record makes. */
+int gf_record_setattro(PyObject *record, PyObject *name, PyObject *value);
 
 /* engine.c */
 PyObject *gf_run_backward(PyObject *self, PyObject *args);

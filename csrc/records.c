@@ -24,9 +24,15 @@
  * through their C base (gf_record_base). A record leaves it when it is
  * freed.
  *
- * NOTE: an attribute that user code sets on a record after it was made
- * (t.grad_fn.x = y), or an object with attributes assigned to a leaf's
- * .data, is not checked; a cycle through it leaks.
+ * An attribute set on a record after it was made (t.grad_fn.x = y) is
+ * checked as well, in gf_record_setattro.
+ *
+ * NOTE: an array that takes attributes (a Python subclass of ndarray)
+ * assigned to a leaf's .data after a record refers to the leaf, and what
+ * user code writes into a record's __dict__ directly, are not checked. A
+ * cycle through either leaks. A check on .data would need a descriptor of
+ * its own, and every read of .data in Python code would then lose the
+ * interpreter's fast slot access.
  */
 #include "gradflow.h"
 
@@ -391,4 +397,35 @@ PyObject *
 gf_records_tracked(PyObject *self, PyObject *unused)
 {
     return PyBool_FromLong(GF.track_records);
+}
+
+/* -- later changes ------------------------------------------------------------ */
+
+/* Whether `name` on a record is one of its __slots__ (or another data
+   descriptor of its class), which only gradflow writes. Any other name
+   goes into the record's __dict__. */
+static int
+names_slot(PyObject *record, PyObject *name)
+{
+    PyObject *descr = _PyType_Lookup(Py_TYPE(record), name);
+    return descr != NULL && Py_TYPE(descr)->tp_descr_set != NULL;
+}
+
+int
+gf_record_setattro(PyObject *record, PyObject *name, PyObject *value)
+{
+    /* A new attribute that may refer to a later tensor could close a cycle
+       through this record or through untracked records made after it. */
+    if (value != NULL && GF.bound && !GF.track_records && PyObject_IS_GC(value)
+            && PyUnicode_Check(name) && !names_slot(record, name)) {
+        Search search = {0, 64};
+        if (may_refer_to_graph(value, &search)) {
+            PyObject *r = gf_track_records(NULL, NULL);
+            if (r == NULL) {
+                return -1;
+            }
+            Py_DECREF(r);
+        }
+    }
+    return PyObject_GenericSetAttr(record, name, value);
 }

@@ -490,6 +490,29 @@ def test_bookkeeping_attributes_keep_records_untracked():
 
 
 @needs_extension
+def test_inert_later_changes_keep_records_untracked():
+    # Attributes that cannot refer to a tensor, set on a record after it was
+    # made, do not switch the collector on, and neither do plain arrays
+    # assigned to .data.
+    result = _run_script("""
+        import gc
+        import numpy as np
+        import gradflow as gf
+        x = gf.tensor([1.0, 2.0], requires_grad=True)
+        y = x * 2.0
+        y.grad_fn.note = "scaled"
+        y.grad_fn.shape_seen = (2,)
+        y.grad_fn.count = 3
+        x.data = np.array([3.0, 4.0], np.float32)
+        y.data = np.zeros(2)
+        assert not gf._fastpath.extension.records_tracked()
+        assert not gc.is_tracked(y.grad_fn)
+        print("ok")
+    """)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+@needs_extension
 def test_records_start_outside_cyclic_gc():
     result = _run_script("""
         import gc

@@ -168,6 +168,23 @@ ref = build()
 gc.collect()
 print(ref() is None)
 """, "the record of Scale"),
+    # An attribute given to a fast-op record after it was made: record of
+    # x * 2.0 -> y -> record of x * 2.0.
+    "attribute_set_on_record": ("""
+import gc, weakref
+import numpy as np
+import gradflow as gf
+
+def build():
+    x = gf.tensor(np.ones(3, np.float32), requires_grad=True)
+    y = x * 2.0
+    y.grad_fn.output = y
+    return weakref.ref(y.grad_fn)
+
+ref = build()
+gc.collect()
+print(ref() is None)
+""", "the record of x * 2.0"),
     # Scale is applied once and then removed from its module, as a reload
     # or a redefinition in a notebook does. A later record of Scale and a
     # class attribute make the cycle Scale -> z -> record of y * 3.0 ->
@@ -210,3 +227,38 @@ def test_cycle_freed_on_both_paths(name):
     script, what = FREED[name]
     assert output_lines(script, pure_python=True)[-1] == "True", f"{what} leaked in Python"
     assert output_lines(script)[-1] == "True", f"{what} leaked on the C path"
+
+
+# A leaf's .data replaced, after a record refers to the leaf, by an array
+# that takes attributes: x -> data -> y -> record of x * 2.0 -> x. The C
+# path does not check what is assigned to .data (see the NOTE in
+# csrc/records.c), so this cycle leaks there.
+_ARRAY_SUBCLASS_AS_DATA = """
+import gc, weakref
+import numpy as np
+import gradflow as gf
+
+class TaggedArray(np.ndarray):
+    pass
+
+def build():
+    x = gf.tensor(np.ones(3, np.float32), requires_grad=True)
+    y = x * 2.0
+    x.data = np.ones(3, np.float32).view(TaggedArray)
+    x.data.last_output = y
+    return weakref.ref(x)
+
+ref = build()
+gc.collect()
+print(ref() is None)
+"""
+
+
+def test_attribute_array_as_leaf_data_python():
+    assert output_lines(_ARRAY_SUBCLASS_AS_DATA, pure_python=True)[-1] == "True"
+
+
+@needs_extension
+@pytest.mark.xfail(strict=True, reason="assignments to .data are not checked on the C path")
+def test_attribute_array_as_leaf_data_c():
+    assert output_lines(_ARRAY_SUBCLASS_AS_DATA)[-1] == "True"
