@@ -693,6 +693,103 @@ held_item(PyObject *seq, Py_ssize_t i)
     return item;
 }
 
+/* The Python walk's _fit_to_input for its common case: a floating-point
+   NumPy gradient of the input's dtype, broadcast along some axes. It sums
+   as that function does (np.add.reduce over the same axes, keepdims, then
+   a reshape), so the results are bitwise equal. Sets *handled to 0, and
+   returns NULL without an error, for every other case, which
+   _fit_to_input handles or rejects with its own message. */
+static PyObject *
+sum_to_shape(PyObject *grad, PyObject *meta, int *handled)
+{
+    static PyObject *add, *reduce_name, *reduce_kwnames;
+    *handled = 0;
+    if (!PyArray_CheckExact(grad) || !PyTuple_CheckExact(meta) || PyTuple_GET_SIZE(meta) != 2) {
+        return NULL;
+    }
+    PyArrayObject *array = (PyArrayObject *)grad;
+    PyObject *shape = PyTuple_GET_ITEM(meta, 0), *dtype = PyTuple_GET_ITEM(meta, 1);
+    if (!(PyArray_ISFLOAT(array) || PyArray_ISCOMPLEX(array)) || !PyTuple_CheckExact(shape)
+            || (PyObject *)PyArray_DESCR(array) != dtype) {
+        return NULL;
+    }
+    int ndim = PyArray_NDIM(array);
+    Py_ssize_t n = PyTuple_GET_SIZE(shape), extra = ndim - n;
+    if (extra < 0 || n > NPY_MAXDIMS) {
+        return NULL;
+    }
+    npy_intp dims[NPY_MAXDIMS];
+    PyObject *axes = PyTuple_New(ndim);
+    if (axes == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n_axes = 0;
+    for (Py_ssize_t i = 0; i < ndim; i++) {
+        npy_intp size = PyArray_DIMS(array)[i];
+        int reduce = i < extra;
+        if (!reduce) {
+            Py_ssize_t expected = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, i - extra));
+            if (expected == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                Py_DECREF(axes);
+                return NULL;
+            }
+            if (expected != size && expected != 1) {
+                Py_DECREF(axes);
+                return NULL;  /* does not broadcast: _fit_to_input raises */
+            }
+            reduce = expected == 1 && size != 1;
+            dims[i - extra] = expected;
+        }
+        if (reduce) {
+            PyObject *axis = PyLong_FromSsize_t(i);
+            if (axis == NULL) {
+                Py_DECREF(axes);
+                *handled = 1;
+                return NULL;
+            }
+            PyTuple_SET_ITEM(axes, n_axes++, axis);
+        }
+    }
+    if (n_axes == 0) {
+        /* Same shape and dtype, which deliver_one has matched already. */
+        Py_DECREF(axes);
+        return NULL;
+    }
+    *handled = 1;
+    if (_PyTuple_Resize(&axes, n_axes) < 0) {
+        return NULL;
+    }
+    if (add == NULL) {
+        add = PyObject_GetAttrString(GF.numpy, "add");
+        reduce_name = PyUnicode_InternFromString("reduce");
+        reduce_kwnames = Py_BuildValue("(ss)", "axis", "keepdims");
+        if (add == NULL || reduce_name == NULL || reduce_kwnames == NULL) {
+            Py_CLEAR(add);
+            Py_CLEAR(reduce_name);
+            Py_CLEAR(reduce_kwnames);
+            Py_DECREF(axes);
+            return NULL;
+        }
+    }
+    PyObject *call[] = {add, grad, axes, Py_True};
+    PyObject *sum = PyObject_VectorcallMethod(
+        reduce_name, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, reduce_kwnames);
+    Py_DECREF(axes);
+    if (sum == NULL || extra == 0) {
+        return sum;
+    }
+    if (!PyArray_Check(sum)) {
+        Py_DECREF(sum);
+        PyErr_SetString(PyExc_TypeError, "backward: np.add.reduce returned no array");
+        return NULL;
+    }
+    PyArray_Dims newshape = {dims, (int)n};
+    PyObject *reshaped = PyArray_Newshape((PyArrayObject *)sum, &newshape, NPY_CORDER);
+    Py_DECREF(sum);
+    return reshaped;
+}
+
 /* Pass one input gradient along `edge`; `grad` is borrowed. */
 static int
 deliver_one(Walk *w, PyObject *node, PyObject *edge, PyObject *meta, PyObject *grad)
@@ -709,12 +806,19 @@ deliver_one(Walk *w, PyObject *node, PyObject *edge, PyObject *meta, PyObject *g
     if (fits < 0) {
         return -1;
     }
-    Py_INCREF(grad);
-    if (!fits) {
-        Py_SETREF(grad, PyObject_CallFunctionObjArgs(GF.fit_to_input, node, grad, meta, NULL));
-        if (grad == NULL) {
+    if (fits) {
+        Py_INCREF(grad);
+    }
+    else {
+        int handled;
+        PyObject *fitted = sum_to_shape(grad, meta, &handled);
+        if (!handled) {
+            fitted = PyObject_CallFunctionObjArgs(GF.fit_to_input, node, grad, meta, NULL);
+        }
+        if (fitted == NULL) {
             return -1;
         }
+        grad = fitted;
     }
     int status = 0;
     if (is_record) {
@@ -966,6 +1070,73 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
     return 0;
 }
 
+/* The Python walk's _store_leaf_grads for its common case: each leaf is a
+   plain Tensor that appears once, has no hooks, no gradient yet and no
+   gradient buffer, and gets a NumPy gradient of its own shape and dtype.
+   The gradient array becomes the leaf's .grad as it is when nothing else
+   refers to it, and a C-order copy otherwise, as there. Returns 1 when it
+   stored every gradient, 0, having stored none, when _store_leaf_grads
+   must run, and -1 on error. */
+static int
+store_plain_leaf_grads(PyObject *leaf_grads)
+{
+    Py_ssize_t n = PyList_GET_SIZE(leaf_grads);
+    if (n > 16) {
+        return 0;  /* the duplicate check below is quadratic */
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(leaf_grads, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            return 0;
+        }
+        PyObject *leaf = PyTuple_GET_ITEM(pair, 0), *grad = PyTuple_GET_ITEM(pair, 1);
+        if (!Py_IS_TYPE(leaf, GF.tensor_type) || !gf_is_none(gf_get(leaf, GF.t.hooks))
+                || !gf_is_none(gf_get(leaf, GF.t.grad))
+                || !gf_is_none(gf_get(leaf, GF.t.grad_buffer))) {
+            return 0;
+        }
+        PyObject *data = gf_get(leaf, GF.t.data);
+        if (data == NULL || !PyArray_CheckExact(data) || !PyArray_CheckExact(grad)) {
+            return 0;
+        }
+        PyArrayObject *a = (PyArrayObject *)data, *g = (PyArrayObject *)grad;
+        if (PyArray_NDIM(a) != PyArray_NDIM(g)
+                || !PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(g), PyArray_NDIM(a))
+                || (PyArray_DESCR(a) != PyArray_DESCR(g)
+                    && !PyArray_EquivTypes(PyArray_DESCR(a), PyArray_DESCR(g)))) {
+            return 0;
+        }
+        for (Py_ssize_t j = 0; j < i; j++) {
+            if (PyTuple_GET_ITEM(PyList_GET_ITEM(leaf_grads, j), 0) == leaf) {
+                return 0;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* Taken out of the list, so that an array that this pair alone
+           refers to counts as the leaf's own, as in the Python walk, which
+           drops each pair before the next. */
+        PyObject *pair = PyList_GET_ITEM(leaf_grads, i);
+        PyList_SET_ITEM(leaf_grads, i, Py_NewRef(Py_None));
+        PyObject *leaf = PyTuple_GET_ITEM(pair, 0), *grad = PyTuple_GET_ITEM(pair, 1);
+        PyArrayObject *g = (PyArrayObject *)grad;
+        /* An array the walk made for this leaf alone (_unshared there). */
+        int own = Py_REFCNT(pair) == 1 && Py_REFCNT(grad) == 1 && PyArray_BASE(g) == NULL
+            && PyArray_ISWRITEABLE(g);
+        PyObject *array = own ? Py_NewRef(grad) : PyArray_NewCopy(g, NPY_CORDER);
+        PyObject *tensor = array != NULL ? gf_new_tensor(array, Py_None, 0) : NULL;
+        Py_XDECREF(array);
+        if (tensor != NULL) {
+            gf_set_steal(leaf, GF.t.grad, tensor);
+        }
+        Py_DECREF(pair);
+        if (tensor == NULL) {
+            return -1;
+        }
+    }
+    return 1;
+}
+
 PyObject *
 gf_run_backward(PyObject *self, PyObject *args)
 {
@@ -1004,8 +1175,12 @@ gf_run_backward(PyObject *self, PyObject *args)
         }
         return NULL;
     }
-    PyObject *r = PyObject_CallFunctionObjArgs(
+    int stored = store_plain_leaf_grads(leaf_grads);
+    PyObject *r = stored != 0 ? NULL : PyObject_CallFunctionObjArgs(
         GF.store_leaf_grads, leaf_grads, Py_False, NULL);
     Py_DECREF(leaf_grads);
+    if (stored > 0) {
+        Py_RETURN_NONE;
+    }
     return r;
 }

@@ -732,6 +732,72 @@ def test_alternating_shapes_and_dtypes_agree():
     assert_paths_agree(fn)
 
 
+# (left shape, right shape, dtype): broadcasts that sum gradients back to
+# the inputs' shapes, with leading axes, size-1 axes or both.
+BROADCASTS = [
+    ((3, 1), (1, 4), np.float32),
+    ((4,), (2, 3, 4), np.float64),
+    ((1, 1), (5, 5), np.float32),
+    ((2, 1, 3), (4, 1), np.float64),
+    ((), (3, 2), np.float32),
+    ((1, 3), (3,), np.complex128),
+]
+
+
+@pytest.mark.parametrize("left, right, dtype", BROADCASTS,
+                         ids=lambda v: str(v) if not isinstance(v, type) else v.__name__)
+def test_broadcast_gradients_agree(left, right, dtype):
+    def fn():
+        rng = np.random.default_rng(3)
+        a = gf.tensor(rng.standard_normal(left).astype(dtype), requires_grad=True)
+        b = gf.tensor(rng.standard_normal(right).astype(dtype), requires_grad=True)
+        out = (a * b + a - b).sum()
+        out.backward()
+        return [out, a.grad, b.grad]
+
+    assert_paths_agree(fn)
+
+
+def test_shared_leaf_gradient_copied_once():
+    # An add passes one gradient array to both leaves. The first gets a
+    # copy and the second the array itself, so the two never share memory,
+    # and a second backward accumulates into each separately.
+    def fn():
+        a, b = _leaf(), _leaf((1.0, 2.0, 3.0))
+        ((a + b) * 2.0).backward(gf.ones(3, dtype=gf.float64))
+        first = [a.grad.data.copy(), b.grad.data.copy()]
+        assert not np.shares_memory(a.grad.data, b.grad.data)
+        ((a + b) * 3.0).backward(gf.ones(3, dtype=gf.float64))
+        return first + [a.grad, b.grad]
+
+    assert_paths_agree(fn)
+
+
+@pytest.mark.parametrize("case", ["hooked", "repeated", "has_grad", "subclass", "resized"])
+def test_leaf_store_special_cases_agree(case):
+    # Leaves that the C engine hands to the Python store: a hook, the same
+    # leaf twice, a gradient already there, a Tensor subclass, and a leaf
+    # whose data changed shape after the forward (an error).
+    class Tagged(gf.Tensor):
+        pass
+
+    def fn():
+        a = Tagged(np.array([1.0, 2.0])) if case == "subclass" else _leaf((1.0, 2.0))
+        a.requires_grad = True
+        b = _leaf((3.0, 4.0))
+        if case == "hooked":
+            a.register_hook(lambda g: g * 10.0)
+        if case == "has_grad":
+            a.grad = gf.ones(2, dtype=gf.float64)
+        out = (a * b + (a if case == "repeated" else b)) * 2.0
+        if case == "resized":
+            a.data = np.zeros(3)
+        out.sum().backward()
+        return [a.grad, b.grad]
+
+    assert_paths_agree(fn)
+
+
 # -- crashes and object lifetimes (each in a fresh interpreter) -------------------
 
 @needs_extension
