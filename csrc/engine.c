@@ -709,8 +709,10 @@ sum_to_shape(PyObject *grad, PyObject *meta, int *handled)
     }
     PyArrayObject *array = (PyArrayObject *)grad;
     PyObject *shape = PyTuple_GET_ITEM(meta, 0), *dtype = PyTuple_GET_ITEM(meta, 1);
-    if (!(PyArray_ISFLOAT(array) || PyArray_ISCOMPLEX(array)) || !PyTuple_CheckExact(shape)
-            || (PyObject *)PyArray_DESCR(array) != dtype) {
+    /* np.add.reduce returns native byte order, so only a native dtype is
+       sure to come back unchanged (_fit_to_input casts the others back). */
+    if (!(PyArray_ISFLOAT(array) || PyArray_ISCOMPLEX(array)) || !PyArray_ISNOTSWAPPED(array)
+            || !PyTuple_CheckExact(shape) || (PyObject *)PyArray_DESCR(array) != dtype) {
         return NULL;
     }
     int ndim = PyArray_NDIM(array);
@@ -776,13 +778,17 @@ sum_to_shape(PyObject *grad, PyObject *meta, int *handled)
     PyObject *sum = PyObject_VectorcallMethod(
         reduce_name, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, reduce_kwnames);
     Py_DECREF(axes);
-    if (sum == NULL || extra == 0) {
-        return sum;
-    }
-    if (!PyArray_Check(sum)) {
-        Py_DECREF(sum);
-        PyErr_SetString(PyExc_TypeError, "backward: np.add.reduce returned no array");
+    if (sum == NULL) {
         return NULL;
+    }
+    if (!PyArray_Check(sum) || (PyObject *)PyArray_DESCR((PyArrayObject *)sum) != dtype) {
+        /* Not the input's dtype after all: _fit_to_input starts over. */
+        Py_DECREF(sum);
+        *handled = 0;
+        return NULL;
+    }
+    if (extra == 0) {
+        return sum;
     }
     PyArray_Dims newshape = {dims, (int)n};
     PyObject *reshaped = PyArray_Newshape((PyArrayObject *)sum, &newshape, NPY_CORDER);
@@ -1070,49 +1076,56 @@ walk(Walk *w, PyObject *roots, PyObject *root_grads)
     return 0;
 }
 
-/* The Python walk's _store_leaf_grads for its common case: each leaf is a
-   plain Tensor that appears once, has no hooks, no gradient yet and no
-   gradient buffer, and gets a NumPy gradient of its own shape and dtype.
-   The gradient array becomes the leaf's .grad as it is when nothing else
-   refers to it, and a C-order copy otherwise, as there. Returns 1 when it
-   stored every gradient, 0, having stored none, when _store_leaf_grads
-   must run, and -1 on error. */
+/* Whether the Python walk's _store_leaf_grads would store `grad` into
+   `leaf` as a new gradient with no further checks: a plain Tensor with no
+   hooks, no gradient yet and no gradient buffer, and a NumPy gradient of
+   its shape and dtype. A slot that is not set does not count as None,
+   because Python raises there. */
 static int
-store_plain_leaf_grads(PyObject *leaf_grads)
+is_plain_leaf_grad(PyObject *pair)
+{
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        return 0;
+    }
+    PyObject *leaf = PyTuple_GET_ITEM(pair, 0), *grad = PyTuple_GET_ITEM(pair, 1);
+    if (!Py_IS_TYPE(leaf, GF.tensor_type) || gf_get(leaf, GF.t.hooks) != Py_None
+            || gf_get(leaf, GF.t.grad) != Py_None || gf_get(leaf, GF.t.grad_buffer) != Py_None) {
+        return 0;
+    }
+    PyObject *data = gf_get(leaf, GF.t.data);
+    if (data == NULL || !PyArray_CheckExact(data) || !PyArray_CheckExact(grad)) {
+        return 0;
+    }
+    PyArrayObject *a = (PyArrayObject *)data, *g = (PyArrayObject *)grad;
+    return PyArray_NDIM(a) == PyArray_NDIM(g)
+        && PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(g), PyArray_NDIM(a))
+        && (PyArray_DESCR(a) == PyArray_DESCR(g)
+            || PyArray_EquivTypes(PyArray_DESCR(a), PyArray_DESCR(g)));
+}
+
+/* The Python walk's _store_leaf_grads, with its common case in C: each
+   leaf appears once, and each pair in turn passes is_plain_leaf_grad just
+   before its gradient is stored. The gradient array becomes the leaf's
+   .grad as it is when nothing else refers to it, and a C-order copy
+   otherwise, as there. From the first pair that does not pass, the rest
+   go to _store_leaf_grads, which also takes every list with a repeated
+   leaf. Returns None or NULL on error. */
+static PyObject *
+store_leaf_grads(PyObject *leaf_grads)
 {
     Py_ssize_t n = PyList_GET_SIZE(leaf_grads);
-    if (n > 16) {
-        return 0;  /* the duplicate check below is quadratic */
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
+    int repeated = n > 16;  /* the check below is quadratic */
+    for (Py_ssize_t i = 1; i < n && !repeated; i++) {
         PyObject *pair = PyList_GET_ITEM(leaf_grads, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            return 0;
-        }
-        PyObject *leaf = PyTuple_GET_ITEM(pair, 0), *grad = PyTuple_GET_ITEM(pair, 1);
-        if (!Py_IS_TYPE(leaf, GF.tensor_type) || !gf_is_none(gf_get(leaf, GF.t.hooks))
-                || !gf_is_none(gf_get(leaf, GF.t.grad))
-                || !gf_is_none(gf_get(leaf, GF.t.grad_buffer))) {
-            return 0;
-        }
-        PyObject *data = gf_get(leaf, GF.t.data);
-        if (data == NULL || !PyArray_CheckExact(data) || !PyArray_CheckExact(grad)) {
-            return 0;
-        }
-        PyArrayObject *a = (PyArrayObject *)data, *g = (PyArrayObject *)grad;
-        if (PyArray_NDIM(a) != PyArray_NDIM(g)
-                || !PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(g), PyArray_NDIM(a))
-                || (PyArray_DESCR(a) != PyArray_DESCR(g)
-                    && !PyArray_EquivTypes(PyArray_DESCR(a), PyArray_DESCR(g)))) {
-            return 0;
-        }
-        for (Py_ssize_t j = 0; j < i; j++) {
-            if (PyTuple_GET_ITEM(PyList_GET_ITEM(leaf_grads, j), 0) == leaf) {
-                return 0;
-            }
+        for (Py_ssize_t j = 0; j < i && !repeated; j++) {
+            PyObject *earlier = PyList_GET_ITEM(leaf_grads, j);
+            repeated = !PyTuple_CheckExact(pair) || !PyTuple_CheckExact(earlier)
+                || PyTuple_GET_SIZE(pair) != 2 || PyTuple_GET_SIZE(earlier) != 2
+                || PyTuple_GET_ITEM(pair, 0) == PyTuple_GET_ITEM(earlier, 0);
         }
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+    for (; i < n && !repeated && is_plain_leaf_grad(PyList_GET_ITEM(leaf_grads, i)); i++) {
         /* Taken out of the list, so that an array that this pair alone
            refers to counts as the leaf's own, as in the Python walk, which
            drops each pair before the next. */
@@ -1129,12 +1142,28 @@ store_plain_leaf_grads(PyObject *leaf_grads)
         if (tensor != NULL) {
             gf_set_steal(leaf, GF.t.grad, tensor);
         }
+        /* Dropping the pair may run Python code (a finalizer of the leaf),
+           and the check of the next pair detects what it changed. */
         Py_DECREF(pair);
         if (tensor == NULL) {
-            return -1;
+            return NULL;
         }
     }
-    return 1;
+    if (i == n) {
+        Py_RETURN_NONE;
+    }
+    PyObject *rest = PyList_GetSlice(leaf_grads, i, n);
+    if (rest == NULL) {
+        return NULL;
+    }
+    /* The slice now owns the pairs, in place of leaf_grads. */
+    if (PyList_SetSlice(leaf_grads, i, n, NULL) < 0) {
+        Py_DECREF(rest);
+        return NULL;
+    }
+    PyObject *r = PyObject_CallFunctionObjArgs(GF.store_leaf_grads, rest, Py_False, NULL);
+    Py_DECREF(rest);
+    return r;
 }
 
 PyObject *
@@ -1175,12 +1204,7 @@ gf_run_backward(PyObject *self, PyObject *args)
         }
         return NULL;
     }
-    int stored = store_plain_leaf_grads(leaf_grads);
-    PyObject *r = stored != 0 ? NULL : PyObject_CallFunctionObjArgs(
-        GF.store_leaf_grads, leaf_grads, Py_False, NULL);
+    PyObject *r = store_leaf_grads(leaf_grads);
     Py_DECREF(leaf_grads);
-    if (stored > 0) {
-        Py_RETURN_NONE;
-    }
     return r;
 }

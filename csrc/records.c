@@ -401,14 +401,14 @@ gf_records_tracked(PyObject *self, PyObject *unused)
 
 /* -- later changes ------------------------------------------------------------ */
 
-/* Whether `name` on a record is one of its __slots__ (or another data
-   descriptor of its class), which only gradflow writes. Any other name
-   goes into the record's __dict__. */
+/* Whether `name` on a record is one of its __slots__, which only gradflow
+   writes. Any other name goes into the record's __dict__, replaces the
+   __dict__ or __class__, or reaches a property of a subclass. */
 static int
 names_slot(PyObject *record, PyObject *name)
 {
     PyObject *descr = _PyType_Lookup(Py_TYPE(record), name);
-    return descr != NULL && Py_TYPE(descr)->tp_descr_set != NULL;
+    return descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type);
 }
 
 int

@@ -185,6 +185,30 @@ ref = build()
 gc.collect()
 print(ref() is None)
 """, "the record of x * 2.0"),
+    # A record's whole __dict__ replaced, or its class swapped for one whose
+    # class attribute refers to a later tensor: record -> y -> record.
+    "record_dict_and_class_replaced": ("""
+import gc, weakref
+import numpy as np
+import gradflow as gf
+from gradflow.autograd import Context
+
+def build(kind):
+    x = gf.tensor(np.ones(3, np.float32), requires_grad=True)
+    y = x * 2.0
+    if kind == "dict":
+        y.grad_fn.__dict__ = {"output": y}
+    else:
+        class Keeping(Context):
+            __slots__ = ()
+        Keeping.output = y
+        y.grad_fn.__class__ = Keeping
+    return weakref.ref(y.grad_fn)
+
+refs = [build("dict"), build("class")]
+gc.collect()
+print(all(ref() is None for ref in refs))
+""", "the record of x * 2.0"),
     # Scale is applied once and then removed from its module, as a reload
     # or a redefinition in a notebook does. A later record of Scale and a
     # class attribute make the cycle Scale -> z -> record of y * 3.0 ->
