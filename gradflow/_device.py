@@ -9,6 +9,7 @@ runs everything on the CPU and gets an error only when it asks for ``cuda``.
 import contextlib
 import functools
 import logging
+import threading
 
 import numpy as np
 
@@ -91,18 +92,31 @@ class Device:
 
     def __enter__(self):
         # Lets ``with gf.device("cuda:1"):`` select CuPy's current device.
+        # The CuPy device goes on a per-thread stack, not on this object,
+        # which other threads and nested blocks share.
         if self.type == "cuda":
-            self._cupy_device = _require_cupy(self).cuda.Device(self.index)
-            self._cupy_device.__enter__()
+            cupy_device = _require_cupy(self).cuda.Device(self.index)
+            cupy_device.__enter__()
+            _entered_cuda_devices().append(cupy_device)
         return self
 
     def __exit__(self, *exc_info):
         if self.type == "cuda":
-            self._cupy_device.__exit__(*exc_info)
+            _entered_cuda_devices().pop().__exit__(*exc_info)
         return False
 
 
 CPU = Device("cpu")
+
+_thread_state = threading.local()
+
+
+def _entered_cuda_devices():
+    """Return this thread's stack of CuPy devices entered by ``with gf.device``."""
+    stack = getattr(_thread_state, "cuda_devices", None)
+    if stack is None:
+        stack = _thread_state.cuda_devices = []
+    return stack
 
 
 def _require_cupy(dev):

@@ -1,5 +1,7 @@
 """Device parsing, CUDA availability, moves between devices, and seeded draws."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,32 @@ def test_tensor_device_property(device):
 def test_cpu_device_as_context():
     with gf.device("cpu") as dev:
         assert dev == "cpu"
+
+
+def test_cuda_device_context_nests(monkeypatch):
+    # A stand-in for CuPy records which devices the blocks select, so the
+    # nesting runs without a GPU.
+    events = []
+
+    class FakeCupyDevice:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            events.append(("enter", self.index))
+
+        def __exit__(self, *exc_info):
+            events.append(("exit", self.index))
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=FakeCupyDevice))
+    monkeypatch.setattr(gf._device, "_require_cupy", lambda dev: fake_cupy)
+    outer = gf.device("cuda:1")
+    with outer:
+        with gf.device("cuda:0"):
+            with outer:
+                pass
+    assert events == [("enter", 1), ("enter", 0), ("enter", 1),
+                      ("exit", 1), ("exit", 0), ("exit", 1)]
 
 
 # -- without a GPU ------------------------------------------------------------
