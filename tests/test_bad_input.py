@@ -8,6 +8,7 @@ the fix is not obvious from that, what to do.
 
 import re
 
+import numpy as np
 import pytest
 
 import gradflow as gf
@@ -338,3 +339,27 @@ def test_failed_load_changes_nothing():
     with pytest.raises(RuntimeError):
         layer.load_state_dict(state)
     assert layer.bias.detach().numpy().tolist() == before.tolist()
+
+
+# Pairs of shapes on both sides of the broadcasting rule: different
+# lengths, size-1 and size-0 axes.
+SHAPE_PAIRS = [
+    ((3,), (2, 3)), ((2,), (3, 1)), ((2, 3), (3, 2)), ((0,), (1,)),
+    ((0,), (2,)), ((), (4, 5)), ((4, 1, 3), (5, 1)), ((4, 2, 3), (5, 3)),
+    ((1, 1), (1,)), ((2, 1), (2, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("shape_a, shape_b", SHAPE_PAIRS)
+def test_broadcast_check_follows_numpy(shape_a, shape_b):
+    try:
+        np.broadcast_shapes(shape_a, shape_b)
+        broadcasts = True
+    except ValueError:
+        broadcasts = False
+    a, b = gf.zeros(*shape_a), gf.zeros(*shape_b)
+    if broadcasts:
+        assert (a + b).shape == np.broadcast_shapes(shape_a, shape_b)
+    else:
+        with pytest.raises(ValueError, match=BROADCAST_HINT):
+            a + b
