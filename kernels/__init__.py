@@ -14,6 +14,7 @@ Numba is imported on the first call that needs a kernel, never at import.
   updates them all (``gradflow.optim``).
 """
 
+import sys
 import warnings
 
 import numpy as np
@@ -24,8 +25,9 @@ from ._threads import limit_openmp_spinning
 # numba.set_num_threads() starts Numba's OpenMP workers at that call, and
 # the setting must come first. NOTE: the variable is process-wide, so other
 # libraries on GNU OpenMP loaded after gradflow (PyTorch, for one) do not
-# spin-wait either, unless the user sets GOMP_SPINCOUNT.
-limit_openmp_spinning()
+# spin-wait either, unless the user sets GOMP_SPINCOUNT. Without gradflow
+# imported yet, a warning waits for the first CPU kernel.
+limit_openmp_spinning(warn_now="gradflow" in sys.modules)
 
 __all__ = [
     "ACTIVATIONS", "CPU_MIN_SIZE", "FORWARD_ACTIVATIONS", "activation_backward",

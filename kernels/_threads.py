@@ -10,9 +10,11 @@ import warnings
 _USER_WAIT_SETTING = ("GOMP_SPINCOUNT" in os.environ
                       or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE")
 _checked = False
+# Whether the warning below is due but not issued yet.
+_warning_due = False
 
 
-def limit_openmp_spinning():
+def limit_openmp_spinning(warn_now=True):
     """Make Numba's OpenMP worker threads sleep as soon as a kernel ends.
 
     By default GNU OpenMP workers busy-wait for the next parallel region.
@@ -23,13 +25,19 @@ def limit_openmp_spinning():
     setting takes effect only if the OpenMP runtime has not started yet.
     When it has (the program launched Numba's OpenMP threads before it
     imported gradflow), it issues a PerformanceWarning, once.
+
+    The warning class comes from gradflow, whose import imports this
+    package, so a caller that may run before gradflow is imported passes
+    ``warn_now=False``. The check still happens then, and the warning
+    waits for the next call.
     """
-    global _checked
+    global _checked, _warning_due
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
-    if _checked:
-        return
-    _checked = True
-    if not _USER_WAIT_SETTING and _openmp_layer_started():
+    if not _checked:
+        _checked = True
+        _warning_due = not _USER_WAIT_SETTING and _openmp_layer_started()
+    if _warning_due and warn_now:
+        _warning_due = False
         from gradflow.errors import PerformanceWarning
 
         warnings.warn(

@@ -97,3 +97,28 @@ def test_second_import_no_warning():
             del sys.modules[name]
     """)
     assert _warnings(lines) == []
+
+
+def test_kernels_package_imported_first():
+    # gradflow_kernels imported before gradflow, after the workers started:
+    # both imports work, and the warning comes once, at the first CPU kernel.
+    lines = _run(before="""
+        import numpy as np
+
+        numba.set_num_threads(1)
+        with warnings.catch_warnings(record=True) as early:
+            warnings.simplefilter("always")
+            import gradflow_kernels
+        print("at import", len(early))
+    """, after="""
+        ones = np.ones(1 << 17, np.float32)
+        with warnings.catch_warnings(record=True) as late:
+            warnings.simplefilter("always")
+            gradflow_kernels.fused_activation_backward("relu", ones, ones)
+            gradflow_kernels.fused_activation_backward("relu", ones, ones)
+        caught.extend(late)
+    """)
+    assert "at import 0" in lines
+    warnings = _warnings(lines)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("warning PerformanceWarning " + WARNING)
