@@ -402,17 +402,25 @@ matches_meta(PyObject *grad, PyObject *meta)
         if (ndim != PyTuple_GET_SIZE(shape)) {
             return 0;
         }
-        for (int i = 0; i < ndim; i++) {
-            Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, i));
-            if (n == -1 && PyErr_Occurred()) {
-                return -1;
-            }
-            if (n != PyArray_DIMS(array)[i]) {
-                return 0;
+        int exact = 1;
+        for (int i = 0; i < ndim && exact; i++) {
+            PyObject *item = PyTuple_GET_ITEM(shape, i);
+            /* Other integers (NumPy's) take the comparison below. */
+            exact = PyLong_CheckExact(item);
+            if (exact) {
+                Py_ssize_t n = PyLong_AsSsize_t(item);
+                if (n == -1 && PyErr_Occurred()) {
+                    return -1;
+                }
+                if (n != PyArray_DIMS(array)[i]) {
+                    return 0;
+                }
             }
         }
-        PyObject *descr = (PyObject *)PyArray_DESCR(array);
-        return descr == dtype ? 1 : PyObject_RichCompareBool(descr, dtype, Py_EQ);
+        if (exact) {
+            PyObject *descr = (PyObject *)PyArray_DESCR(array);
+            return descr == dtype ? 1 : PyObject_RichCompareBool(descr, dtype, Py_EQ);
+        }
     }
     PyObject *grad_shape = PyObject_GetAttrString(grad, "shape");
     if (grad_shape == NULL) {
@@ -695,21 +703,21 @@ held_item(PyObject *seq, Py_ssize_t i)
 
 /* The Python walk's _fit_to_input for its common case: a floating-point
    NumPy gradient of the input's dtype, broadcast along some axes. It sums
-   as that function does (np.add.reduce over the same axes, keepdims, then
-   a reshape), so the results are bitwise equal. Sets *handled to 0, and
+   as that function does (grad.sum over the same axes, keepdims, then a
+   reshape), so the results are bitwise equal. Sets *handled to 0, and
    returns NULL without an error, for every other case, which
    _fit_to_input handles or rejects with its own message. */
 static PyObject *
 sum_to_shape(PyObject *grad, PyObject *meta, int *handled)
 {
-    static PyObject *add, *reduce_name, *reduce_kwnames;
+    static PyObject *sum_name, *sum_kwnames;
     *handled = 0;
     if (!PyArray_CheckExact(grad) || !PyTuple_CheckExact(meta) || PyTuple_GET_SIZE(meta) != 2) {
         return NULL;
     }
     PyArrayObject *array = (PyArrayObject *)grad;
     PyObject *shape = PyTuple_GET_ITEM(meta, 0), *dtype = PyTuple_GET_ITEM(meta, 1);
-    /* np.add.reduce returns native byte order, so only a native dtype is
+    /* A sum comes back in native byte order, so only a native dtype is
        sure to come back unchanged (_fit_to_input casts the others back). */
     if (!(PyArray_ISFLOAT(array) || PyArray_ISCOMPLEX(array)) || !PyArray_ISNOTSWAPPED(array)
             || !PyTuple_CheckExact(shape) || (PyObject *)PyArray_DESCR(array) != dtype) {
@@ -762,21 +770,21 @@ sum_to_shape(PyObject *grad, PyObject *meta, int *handled)
     if (_PyTuple_Resize(&axes, n_axes) < 0) {
         return NULL;
     }
-    if (add == NULL) {
-        add = PyObject_GetAttrString(GF.numpy, "add");
-        reduce_name = PyUnicode_InternFromString("reduce");
-        reduce_kwnames = Py_BuildValue("(ss)", "axis", "keepdims");
-        if (add == NULL || reduce_name == NULL || reduce_kwnames == NULL) {
-            Py_CLEAR(add);
-            Py_CLEAR(reduce_name);
-            Py_CLEAR(reduce_kwnames);
+    if (sum_name == NULL) {
+        sum_name = PyUnicode_InternFromString("sum");
+        sum_kwnames = Py_BuildValue("(ss)", "axis", "keepdims");
+        if (sum_name == NULL || sum_kwnames == NULL) {
+            Py_CLEAR(sum_name);
+            Py_CLEAR(sum_kwnames);
             Py_DECREF(axes);
             return NULL;
         }
     }
-    PyObject *call[] = {add, grad, axes, Py_True};
+    /* grad.sum(axis=axes, keepdims=True), the Python walk's own call, so
+       that a warning (a float16 overflow) comes from the same place. */
+    PyObject *call[] = {grad, axes, Py_True};
     PyObject *sum = PyObject_VectorcallMethod(
-        reduce_name, call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, reduce_kwnames);
+        sum_name, call, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, sum_kwnames);
     Py_DECREF(axes);
     if (sum == NULL) {
         return NULL;
@@ -1124,8 +1132,11 @@ store_leaf_grads(PyObject *leaf_grads)
                 || PyTuple_GET_ITEM(pair, 0) == PyTuple_GET_ITEM(earlier, 0);
         }
     }
+    /* Python code that runs below (a finalizer) may change the list, so
+       its length is read again on every pass. */
     Py_ssize_t i = 0;
-    for (; i < n && !repeated && is_plain_leaf_grad(PyList_GET_ITEM(leaf_grads, i)); i++) {
+    for (; !repeated && i < PyList_GET_SIZE(leaf_grads)
+            && is_plain_leaf_grad(PyList_GET_ITEM(leaf_grads, i)); i++) {
         /* Taken out of the list, so that an array that this pair alone
            refers to counts as the leaf's own, as in the Python walk, which
            drops each pair before the next. */
@@ -1149,7 +1160,8 @@ store_leaf_grads(PyObject *leaf_grads)
             return NULL;
         }
     }
-    if (i == n) {
+    n = PyList_GET_SIZE(leaf_grads);
+    if (i >= n) {
         Py_RETURN_NONE;
     }
     PyObject *rest = PyList_GetSlice(leaf_grads, i, n);
@@ -1192,19 +1204,20 @@ gf_run_backward(PyObject *self, PyObject *args)
     int status = walk(&w, roots, root_grads);
     gf_set_grad_enabled(was_enabled);
 
-    /* The walk's references go before the leaf gradients are stored, since
-       a gradient array that nothing else refers to is stored uncopied. */
+    /* The walk's gradient buffers go before the leaf gradients are stored,
+       since a gradient array that nothing else refers to is stored
+       uncopied. Its records stay until after the store, as in the Python
+       walk, so that the leaves they refer to stay alive until then too. */
+    for (Py_ssize_t k = 0; k < w.count; k++) {
+        clear_slots(&w.buffers.states[k]);
+    }
     PyObject *leaf_grads = w.leaf_grads;
     w.leaf_grads = NULL;
-    walk_free(&w);
-    if (status != 0) {
-        Py_DECREF(leaf_grads);
-        if (status > 0) {
-            Py_RETURN_NOTIMPLEMENTED;
-        }
-        return NULL;
-    }
-    PyObject *r = store_leaf_grads(leaf_grads);
+    PyObject *r = status == 0 ? store_leaf_grads(leaf_grads) : NULL;
     Py_DECREF(leaf_grads);
+    walk_free(&w);
+    if (status > 0) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
     return r;
 }

@@ -802,24 +802,13 @@ def test_swapped_byte_order_gradient_agree():
     # np.add.reduce returns native byte order, so a big-endian input's
     # broadcast gradient must be cast back, for a leaf and for a hook on an
     # intermediate tensor alike.
-    class Spread(gf.autograd.Function):
-        @staticmethod
-        def forward(ctx, a):
-            ctx.dtype = a.dtype
-            return np.repeat(a, 4, axis=1)
+    def spread(ctx, a):
+        ctx.dtype = a.dtype
+        return np.repeat(a, 4, axis=1)
 
-        @staticmethod
-        def backward(ctx, grad):
-            return grad.astype(ctx.dtype)
+    Spread = _function(spread, lambda ctx, grad: grad.astype(ctx.dtype))
 
-    class Same(gf.autograd.Function):
-        @staticmethod
-        def forward(ctx, a):
-            return a.copy()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
+    Same = _function(lambda ctx, a: a.copy(), lambda ctx, grad: grad)
 
     def fn():
         x = gf.tensor(np.arange(3.0).reshape(3, 1).astype(">f8"), requires_grad=True)
@@ -836,24 +825,14 @@ def test_leaf_changed_during_store_agree():
     # Dropping the walk's last reference to one leaf runs its finalizer,
     # which gives the next leaf a gradient. The store must see it there and
     # add to it, as the Python store does.
-    class Twice(gf.autograd.Function):
-        @staticmethod
-        def forward(ctx, a, b):
-            return a * 2.0 + b * 3.0
+    Twice = _function(lambda ctx, a, b: a * 2.0 + b * 3.0,
+                      lambda ctx, grad: (grad * 2.0, grad * 3.0))
 
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * 2.0, grad * 3.0
+    def forget(ctx, grad):
+        records["twice"].edges.clear()
+        return grad
 
-    class Forget(gf.autograd.Function):
-        @staticmethod
-        def forward(ctx, a):
-            return a.copy()
-
-        @staticmethod
-        def backward(ctx, grad):
-            records["twice"].edges.clear()
-            return grad
+    Forget = _function(lambda ctx, a: a.copy(), forget)
 
     records = {}
 
@@ -865,6 +844,65 @@ def test_leaf_changed_during_store_agree():
         del first
         out.sum().backward()
         return second.grad
+
+    assert_paths_agree(fn)
+
+
+def test_leaf_alive_until_stored_agree():
+    # A hook cuts the root from its record, so only the walk still reaches
+    # the leaf a. Its finalizer must run after the gradients are stored, as
+    # the Python walk keeps its records until then.
+    def fn():
+        events = []
+        a, b = _leaf((1.0, 2.0)), _leaf((3.0, 4.0))
+        y = a * b
+        loss = y.sum()
+        y.register_hook(lambda g: setattr(loss, "grad_fn", None))
+
+        def finalize():
+            events.append("a freed")
+            b.grad = gf.tensor(np.full(2, 100.0))
+
+        weakref.finalize(a, finalize)
+        del a, y
+        loss.backward()
+        events.append("after backward")
+        return [events, b.grad]
+
+    assert_paths_agree(fn)
+
+
+def test_float16_sum_warning_location_agree():
+    # A float16 broadcast gradient whose sum overflows warns from NumPy's
+    # sum, on both walks, so a filter on NumPy's module catches it on both.
+    Spread = _function(lambda ctx, a: a * 1,
+                       lambda ctx, grad: np.full((4, 3), 60000, np.float16))
+
+    def fn():
+        x = gf.tensor(np.ones(3, np.float16), requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Spread.apply(x).backward(np.ones(3, np.float16))
+        return [x.grad, [(w.category.__name__, os.path.basename(w.filename)) for w in caught]]
+
+    assert_paths_agree(fn)
+
+
+@pytest.mark.parametrize("grad_shape", [(2, 3), (4, 2, 3)])
+def test_numpy_integer_input_meta_agree(grad_shape):
+    # A backward may leave NumPy integers in a record's input shapes; both
+    # walks compare them as numbers.
+    def backward(ctx, grad):
+        shape, dtype = ctx.input_meta[0]
+        ctx.input_meta = [(tuple(np.int64(n) for n in shape), dtype)]
+        return np.ones(grad_shape)
+
+    Rewrite = _function(lambda ctx, a: a * 1, backward)
+
+    def fn():
+        a = gf.tensor(np.ones((2, 3)), requires_grad=True)
+        Rewrite.apply(a).sum().backward()
+        return a.grad
 
     assert_paths_agree(fn)
 
