@@ -9,9 +9,8 @@ import warnings
 # which GNU OpenMP does not spin at all.
 _USER_WAIT_SETTING = ("GOMP_SPINCOUNT" in os.environ
                       or os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE")
-_checked = False
-# Whether the warning below is due but not issued yet.
-_warning_due = False
+# Whether the warning below is due but not issued yet; None until checked.
+_warning_due = None
 
 
 def limit_openmp_spinning(warn_now=True):
@@ -31,10 +30,9 @@ def limit_openmp_spinning(warn_now=True):
     ``warn_now=False``. The check still happens then, and the warning
     waits for the next call.
     """
-    global _checked, _warning_due
+    global _warning_due
     os.environ.setdefault("GOMP_SPINCOUNT", "0")
-    if not _checked:
-        _checked = True
+    if _warning_due is None:
         _warning_due = not _USER_WAIT_SETTING and _openmp_layer_started()
     if _warning_due and warn_now:
         _warning_due = False

@@ -278,11 +278,11 @@ print(ref() is None)
 """
 
 
-def test_attribute_array_as_leaf_data_python():
+def test_subclass_leaf_data_python():
     assert output_lines(_ARRAY_SUBCLASS_AS_DATA, pure_python=True)[-1] == "True"
 
 
 @needs_extension
 @pytest.mark.xfail(strict=True, reason="assignments to .data are not checked on the C path")
-def test_attribute_array_as_leaf_data_c():
+def test_subclass_leaf_data_c():
     assert output_lines(_ARRAY_SUBCLASS_AS_DATA)[-1] == "True"
