@@ -22,10 +22,11 @@ import subprocess
 import sys
 import time
 
-from _results import write_section
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+import contenders  # noqa: E402 (from HERE)
+from _results import write_section  # noqa: E402
 
 WORKLOADS = {
     # name: (repetitions per timing, unit divisor, description)
@@ -60,8 +61,6 @@ def _pin_threads(count):
 
 
 def worker(name, threads):
-    import contenders
-
     try:
         builders = contenders.CONTENDERS[name]()
     except ImportError as exc:
@@ -95,6 +94,7 @@ class Worker:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMBA_NUM_THREADS"):
             env[var] = str(threads)
+        env.update(contenders.CONTENDER_ENV.get(name, {}))
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", name, "--threads", str(threads)],
@@ -158,7 +158,7 @@ def versions():
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
-    for package in ("gradflow", "numpy", "numba", "torch", "autograd", "mygrad", "dezero"):
+    for package in ("gradflow", "numpy", "numba", "mkl", "torch", "autograd", "mygrad", "dezero"):
         try:
             found[package] = md.version(package)
         except md.PackageNotFoundError:
@@ -166,13 +166,13 @@ def versions():
     return found
 
 
-def format_table(results, contenders):
-    lines = ["| workload | " + " | ".join(contenders) + " | gradflow / torch |",
-             "| --- | " + " | ".join("---:" for _ in contenders) + " | ---: |"]
+def format_table(results, names):
+    lines = ["| workload | " + " | ".join(names) + " | gradflow / torch |",
+             "| --- | " + " | ".join("---:" for _ in names) + " | ---: |"]
     for workload, by_name in results.items():
         divisor = WORKLOADS[workload][1]
         cells = []
-        for name in contenders:
+        for name in names:
             entry = by_name.get(name)
             cells.append(f"{entry['median_s'] * 1e6 / divisor:,.2f}" if entry else "–")
         gf_entry, torch_entry = by_name.get("gradflow"), by_name.get("torch")
@@ -187,16 +187,20 @@ def derived_figures(results):
 
     for act in ("mlp_gelu", "mlp_relu"):
         by_name = results.get(act, {})
-        gf_entry, floor = by_name.get("gradflow"), by_name.get("numpy")
-        if gf_entry and floor:
-            notes.append(f"- {act}: gradflow / bare-NumPy floor = "
-                         f"{gf_entry['median_s'] / floor['median_s']:.2f}x")
-        if gf_entry and "phases_s" in gf_entry:
-            fwd, bwd, opt = gf_entry["phases_s"]
-            notes.append(f"- {act}: gradflow backward / forward = {bwd / fwd:.2f} "
-                         f"(forward {fwd * 1e3:.1f} ms, backward {bwd * 1e3:.1f} ms, "
-                         f"Adam {opt * 1e3:.1f} ms)")
-        torch_entry = by_name.get("torch")
+        floor, torch_entry = by_name.get("numpy"), by_name.get("torch")
+        for name in ("gradflow", "gradflow-openblas"):
+            gf_entry = by_name.get(name)
+            if gf_entry and torch_entry and name != "gradflow":
+                notes.append(f"- {act}: {name} / torch = "
+                             f"{gf_entry['median_s'] / torch_entry['median_s']:.2f}x")
+            if gf_entry and floor:
+                notes.append(f"- {act}: {name} / bare-NumPy floor = "
+                             f"{gf_entry['median_s'] / floor['median_s']:.2f}x")
+            if gf_entry and "phases_s" in gf_entry:
+                fwd, bwd, opt = gf_entry["phases_s"]
+                notes.append(f"- {act}: {name} backward / forward = {bwd / fwd:.2f} "
+                             f"(forward {fwd * 1e3:.1f} ms, backward {bwd * 1e3:.1f} ms, "
+                             f"Adam {opt * 1e3:.1f} ms)")
         if torch_entry and "phases_s" in torch_entry:
             fwd, bwd, opt = torch_entry["phases_s"]
             notes.append(f"- {act}: torch backward / forward = {bwd / fwd:.2f}")
@@ -223,7 +227,8 @@ def main(argv=None):
                              "previous contender's BLAS threads stop spinning "
                              "(default 0.3)")
     parser.add_argument("--contenders", nargs="*",
-                        default=["gradflow", "torch", "autograd", "mygrad", "dezero", "numpy"])
+                        default=["gradflow", "gradflow-openblas", "torch", "autograd",
+                                 "mygrad", "dezero", "numpy"])
     parser.add_argument("--write-results", action="store_true",
                         help="replace this benchmark's section of benchmarks/RESULTS.md")
     args = parser.parse_args(argv)

@@ -465,9 +465,15 @@ def _numpy_gelu(z):
 
 CONTENDERS = {
     "gradflow": gradflow_workloads,
+    "gradflow-openblas": gradflow_workloads,
     "torch": torch_workloads,
     "autograd": autograd_workloads,
     "mygrad": mygrad_workloads,
     "dezero": dezero_workloads,
     "numpy": numpy_workloads,
 }
+
+# Environment that a contender's worker process starts with. gradflow
+# multiplies through MKL when the mkl wheel is installed; the second
+# gradflow contender keeps NumPy's OpenBLAS, which a plain install uses.
+CONTENDER_ENV = {"gradflow-openblas": {"GRADFLOW_BLAS": "numpy"}}

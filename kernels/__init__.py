@@ -12,6 +12,8 @@ Numba is imported on the first call that needs a kernel, never at import.
 * ``adam_table`` tables the parameters, gradients and Adam states of one
   dtype and device, so that one parallel CPU loop or one CUDA launch
   updates them all (``gradflow.optim``).
+* ``matmul`` multiplies two large 2-D NumPy float arrays through MKL when
+  the ``mkl`` wheel is installed, or returns None (``_blas``).
 """
 
 import sys
@@ -19,6 +21,7 @@ import warnings
 
 import numpy as np
 
+from . import _threads
 from ._threads import limit_openmp_spinning
 
 # Here rather than only before the first kernel: a program that calls
@@ -29,10 +32,12 @@ from ._threads import limit_openmp_spinning
 # imported yet, a warning waits for the first CPU kernel.
 limit_openmp_spinning(warn_now="gradflow" in sys.modules)
 
+from ._blas import matmul  # noqa: E402 (loads MKL after the setting above)
+
 __all__ = [
     "ACTIVATIONS", "CPU_MIN_SIZE", "FORWARD_ACTIVATIONS", "activation_backward",
     "adam_table", "fused_activation_backward", "fused_activation_forward",
-    "multi_tensor_plan",
+    "matmul", "multi_tensor_plan",
 ]
 
 # The value each activation saves for backward (its input or its output),
@@ -77,7 +82,7 @@ def fused_activation_backward(name, saved, grad_output, **params):
     contiguous = saved.flags.c_contiguous and grad_output.flags.c_contiguous
     on_cpu = isinstance(saved, np.ndarray)
     if on_cpu and same and contiguous and saved.dtype in _CPU_DTYPES \
-            and saved.size >= CPU_MIN_SIZE:
+            and saved.size >= CPU_MIN_SIZE and not _threads.forked_from_openmp:
         from . import _cpu
 
         return _cpu.activation_backward(name, saved, grad_output, *_ab(name, params))
@@ -111,7 +116,7 @@ def fused_activation_forward(name, x):
     if (
         name not in FORWARD_ACTIVATIONS or type(x) is not np.ndarray
         or x.dtype not in _CPU_DTYPES or x.size < CPU_MIN_SIZE
-        or not x.flags.c_contiguous
+        or not x.flags.c_contiguous or _threads.forked_from_openmp
     ):
         return None
     from . import _cpu
@@ -132,6 +137,14 @@ def activation_backward(name, saved, grad_output, **params):
     grad_output = _contiguous(name, grad_output, "grad_output")
     a, b = _ab(name, params)
     if isinstance(saved, np.ndarray):
+        if _threads.forked_from_openmp:
+            raise RuntimeError(
+                f"activation_backward({name!r}): this process was forked after "
+                "Numba's OpenMP threads started, and a parallel CPU kernel would "
+                "end it. Start worker processes with the 'spawn' or "
+                "'forkserver' method, or use gradflow's ops, which fall back "
+                "to NumPy in such a process."
+            )
         from . import _cpu
 
         return _cpu.activation_backward(name, saved, grad_output, a, b)
@@ -153,7 +166,7 @@ def multi_tensor_plan(arrays):
     if not arrays:
         return None
     if isinstance(arrays[0], np.ndarray):
-        if any(a.dtype not in _CPU_DTYPES for a in arrays):
+        if _threads.forked_from_openmp or any(a.dtype not in _CPU_DTYPES for a in arrays):
             return None
         from ._clip_cpu import CpuPlan
 
@@ -177,7 +190,7 @@ def adam_table(like):
     """
     dtype = np.dtype(like.dtype)
     if isinstance(like, np.ndarray):
-        if dtype not in _CPU_DTYPES:
+        if dtype not in _CPU_DTYPES or _threads.forked_from_openmp:
             return None
         from ._adam_cpu import AdamTable
 

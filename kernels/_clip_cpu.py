@@ -15,6 +15,7 @@ The intrinsics live in this file because Numba checks only the source file
 of a cached function for changes.
 """
 
+from . import _threads
 from ._threads import limit_openmp_spinning
 
 limit_openmp_spinning()
@@ -200,6 +201,11 @@ class CpuPlan:
             addresses, sizes = described
             groups[dtype] = (members, addresses, *chunk_table(sizes, CHUNK))
         return cls(groups)
+
+    @property
+    def usable(self):
+        """False in a process forked after the OpenMP workers started."""
+        return not _threads.forked_from_openmp
 
     def norm(self, norm_type, max_norm):
         """Return float64 [total norm, clip coefficient] over every array."""

@@ -149,6 +149,8 @@ class CudaPlan:
             groups.append((xp.empty(1, dtype=dtype), flat, rows))
         return cls(groups)
 
+    usable = True
+
     def norm(self, norm_type, max_norm):
         """Return float64 [total norm, clip coefficient] as a device array."""
         xp = array_module()

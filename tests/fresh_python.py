@@ -14,7 +14,7 @@ import textwrap
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Settings of the test process that would change what a script measures.
-_CLEARED = ("GRADFLOW_PURE_PYTHON", "GOMP_SPINCOUNT")
+_CLEARED = ("GRADFLOW_PURE_PYTHON", "GOMP_SPINCOUNT", "GRADFLOW_BLAS")
 
 
 def run_python(body, pure_python=False, **env):

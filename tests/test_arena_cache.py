@@ -78,7 +78,10 @@ def test_rebuilt_graph_reuses_the_freed_arenas():
     assert int(limit) == 256 << 20
     # The first build faults in fresh arenas (one fault per 2 MiB where they
     # get huge pages, per 4 KiB otherwise), and freeing the graph caches them.
-    assert int(first) > 100
+    # More faults come from the C heap, fewer when a library loaded at import
+    # (MKL) has grown it already, so the floor is the 2 MiB pages of the
+    # arenas alone.
+    assert int(first) > 10
     assert int(cached) >= 16 << 20
     assert int(second) < int(first) // 4
 

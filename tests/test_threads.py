@@ -1,7 +1,9 @@
 """The OpenMP spin setting of the parallel CPU kernels, checked in fresh interpreters.
 
 The setting applies only if gradflow comes before Numba's OpenMP threads
-start, so every case runs in a new process.
+start, so every case runs in a new process. The cases run with NumPy's
+OpenBLAS (GRADFLOW_BLAS=numpy) unless they say otherwise: with MKL the
+products run on the OpenMP workers, and gradflow leaves their wait alone.
 """
 
 import textwrap
@@ -31,6 +33,7 @@ for w in caught:
 def _run_any_layer(before="", after="", **env):
     """Return the script's threading layer and its warning lines."""
     script = _SCRIPT.format(before=textwrap.dedent(before), after=textwrap.dedent(after))
+    env.setdefault("GRADFLOW_BLAS", "numpy")
     lines = output_lines(script, **env)
     layer = next(line.split()[1] for line in lines if line.startswith("layer "))
     return layer, lines
@@ -122,3 +125,112 @@ def test_kernels_package_imported_first():
     warnings = _warnings(lines)
     assert len(warnings) == 1
     assert warnings[0].startswith("warning PerformanceWarning " + WARNING)
+
+
+def test_mkl_leaves_the_wait_alone():
+    # MKL runs its products on the same workers, so they should stay awake
+    # between a product and a kernel: no spin setting and no warning, even
+    # with the workers started before gradflow.
+    lines = _run(before="numba.set_num_threads(1)", after="""
+        import gradflow_kernels
+        print("library", gradflow_kernels._blas.LIBRARY is not None)
+    """, GRADFLOW_BLAS="auto")
+    if "library False" in lines:
+        pytest.skip("MKL is not installed")
+    assert "spincount None" in lines
+    assert not _warnings(lines)
+
+
+_FORKED_CHILD = """
+import multiprocessing
+import numpy as np
+import gradflow as gf
+import gradflow_kernels
+
+gf.manual_seed(0)
+model = gf.nn.Sequential(gf.nn.Linear(256, 256), gf.nn.GELU(), gf.nn.Linear(256, 10))
+opt = gf.optim.Adam(model.parameters(), lr=1e-3)
+buffer = gf.nn.utils.GradientBuffer(model.parameters())
+x = gf.randn(512, 256)
+target = gf.randint(0, 10, size=(512,))
+
+def step():
+    opt.zero_grad()
+    loss = gf.nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    gf.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+def child(queue):
+    explicit = "ran"
+    try:
+        ones = np.ones(1 << 15, np.float32)
+        gradflow_kernels.activation_backward("gelu", ones, ones)
+    except RuntimeError as error:
+        explicit = str(error)
+    queue.put(([step() for _ in range(3)], explicit))
+
+if {warm}:
+    step()
+    print("layer", __import__("numba").threading_layer())
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+process.join(60)
+print("exit", process.exitcode)
+losses, explicit = queue.get(timeout=5)
+print("explicit", explicit)
+print("close", np.allclose(losses, [step() for _ in range(3)], rtol=1e-5))
+"""
+
+
+@pytest.mark.parametrize("blas", ["numpy", "auto"])
+def test_forked_child_trains_without_the_parallel_kernels(blas):
+    # Numba ends a child forked after its OpenMP workers started, at the
+    # child's first parallel loop, and MKL's products would wait for the
+    # parent's workers forever. So gradflow's ops fall back to NumPy there.
+    lines = output_lines(_FORKED_CHILD.replace("{warm}", "True"), GRADFLOW_BLAS=blas)
+    if "layer omp" not in lines:
+        pytest.skip("Numba does not run on OpenMP here")
+    assert "exit 0" in lines
+    assert "close True" in lines
+    explicit = next(line for line in lines if line.startswith("explicit "))
+    assert "forked after Numba's OpenMP threads started" in explicit
+
+
+@pytest.mark.parametrize("blas", ["numpy", "auto"])
+def test_child_forked_right_after_import_keeps_kernels(blas):
+    # Importing gradflow starts no OpenMP workers (MKL's check product runs
+    # on one thread), so such a child still runs the kernels and MKL.
+    lines = output_lines(_FORKED_CHILD.replace("{warm}", "False"), GRADFLOW_BLAS=blas)
+    assert "exit 0" in lines
+    assert "close True" in lines
+    assert "explicit ran" in lines
+
+
+@pytest.mark.parametrize("numba_first", [False, True])
+def test_mkl_puts_openmp_before_tbb(numba_first):
+    before = "import numba" if numba_first else ""
+    lines = output_lines(f"""
+        {before}
+        import gradflow
+        import gradflow_kernels
+        from numba.core import config
+
+        print(gradflow_kernels._blas.LIBRARY is not None, " ".join(config.THREADING_LAYER_PRIORITY))
+    """)
+    if lines[-1].startswith("False"):
+        pytest.skip("MKL is not installed")
+    assert lines[-1] == "True omp tbb workqueue"
+
+
+def test_user_layer_priority_kept():
+    lines = output_lines("""
+        import gradflow
+        from numba.core import config
+
+        print(" ".join(config.THREADING_LAYER_PRIORITY))
+    """, NUMBA_THREADING_LAYER_PRIORITY="workqueue tbb omp")
+    assert lines[-1] == "workqueue tbb omp"

@@ -12,7 +12,7 @@ import numpy as np
 from .._fastpath import fast_path
 from .._tensor import Tensor
 from ..autograd import Function
-from ._common import as_operand, check_float, check_broadcast
+from ._common import as_operand, check_float, check_broadcast, matmul_arrays
 
 __all__ = ["add", "sub", "mul", "div", "pow", "neg", "matmul"]
 
@@ -127,7 +127,7 @@ class MatMul(Function):
         need_a, need_b = ctx.needs_input_grad
         ctx.save_for_backward(a if need_b else None, b if need_a else None)
         ctx.ndims = (a.ndim, b.ndim)
-        return a @ b
+        return matmul_arrays(a, b)
 
     @staticmethod
     def backward(ctx, grad):
@@ -149,8 +149,8 @@ class MatMul(Function):
             grad_a = grad_col @ xp.expand_dims(b, -2) if need_a else None
             grad_b = (xp.swapaxes(a, -1, -2) @ grad_col)[..., 0] if need_b else None
             return grad_a, grad_b
-        grad_a = grad @ xp.swapaxes(b, -1, -2) if need_a else None
-        grad_b = xp.swapaxes(a, -1, -2) @ grad if need_b else None
+        grad_a = matmul_arrays(grad, xp.swapaxes(b, -1, -2)) if need_a else None
+        grad_b = matmul_arrays(xp.swapaxes(a, -1, -2), grad) if need_b else None
         return grad_a, grad_b
 
 

@@ -2,11 +2,25 @@
 
 import numbers
 
+import gradflow_kernels
 import numpy as np
 
 from .._tensor import Tensor, _to_array, make_tensor
 
-__all__ = ["as_operand", "check_broadcast", "check_float", "normalize_axes"]
+__all__ = ["as_operand", "check_broadcast", "check_float", "matmul_arrays", "normalize_axes"]
+
+
+def matmul_arrays(a, b):
+    """Return ``a @ b`` of two NumPy or CuPy arrays.
+
+    Large 2-D float products on the CPU go to MKL when it is installed (see
+    ``gradflow_kernels.matmul``); every other product is the array library's.
+    """
+    if a.ndim == 2 and b.ndim == 2:
+        out = gradflow_kernels.matmul(a, b)
+        if out is not None:
+            return out
+    return a @ b
 
 
 def as_operand(value, other):

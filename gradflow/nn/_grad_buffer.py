@@ -185,15 +185,21 @@ class GradientBuffer:
         self._stale.clear()
         return True
 
+    @property
+    def _active_plan(self):
+        """The fused norm and scaling plan, or None where the loops take over."""
+        plan = self._plan
+        return plan if plan is not None and plan.usable else None
+
     def _norm_state(self, norm_type, max_norm, reference):
         """Return float64 [norm, coefficient] over the whole buffer."""
-        if self._plan is not None:
-            return self._plan.norm(norm_type, max_norm)
+        if self._active_plan is not None:
+            return self._active_plan.norm(norm_type, max_norm)
         return reference(self._flats, norm_type, max_norm)
 
     def _scale_(self, state):
-        if self._plan is not None:
-            self._plan.scale_(state)
+        if self._active_plan is not None:
+            self._active_plan.scale_(state)
         else:
             for flat in self._flats:
                 flat *= state[1].astype(flat.dtype)

@@ -5,6 +5,7 @@ import operator
 
 from .. import _ops
 from .._factories import empty
+from .._ops._common import matmul_arrays
 from ..autograd import Function
 from . import init
 from ._dropout import check_dropout_p, dropout
@@ -57,7 +58,12 @@ class LinearFunction(Function):
         need_x, need_weight, _ = ctx.needs_input_grad
         ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
         ctx.weight_shape = weight.shape
-        out = x @ weight.T
+        if x.ndim > 2 and x.flags.c_contiguous:
+            # One product over all rows instead of NumPy's one per leading index.
+            rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+            out = matmul_arrays(rows, weight.T).reshape(x.shape[:-1] + weight.shape[:1])
+        else:
+            out = matmul_arrays(x, weight.T) if x.ndim == 2 else x @ weight.T
         if bias is not None:
             out += bias
         return out
@@ -68,11 +74,15 @@ class LinearFunction(Function):
         xp = ctx.xp
         need_x, need_weight, need_bias = ctx.needs_input_grad
         out_features, in_features = ctx.weight_shape
-        rows = xp.reshape(grad, (-1, out_features))
-        grad_x = grad @ weight if need_x else None
+        # Explicit row counts, because -1 is ambiguous for an empty last axis.
+        count = math.prod(grad.shape[:-1])
+        rows = xp.reshape(grad, (count, out_features))
+        grad_x = None
+        if need_x:
+            grad_x = xp.reshape(matmul_arrays(rows, weight), grad.shape[:-1] + (in_features,))
         grad_weight = None
         if need_weight:
-            grad_weight = xp.swapaxes(rows, 0, 1) @ xp.reshape(x, (-1, in_features))
+            grad_weight = matmul_arrays(xp.swapaxes(rows, 0, 1), xp.reshape(x, (count, in_features)))
         grad_bias = xp.sum(rows, axis=0) if need_bias else None
         return grad_x, grad_weight, grad_bias
 

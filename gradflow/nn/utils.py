@@ -65,7 +65,7 @@ def clip_grad_norm_(
     parameters = _as_list(parameters)
     buffer = _whole_buffer(parameters) if foreach is not False else None
     if buffer is not None:
-        if foreach is True and buffer._plan is None:
+        if foreach is True and buffer._active_plan is None:
             _raise_no_foreach(buffer.arrays)
         return _clip_buffer(buffer, parameters, norm_type, max_norm, error_if_nonfinite)
     entries = _gradient_entries(parameters, "clip_grad_norm_")
