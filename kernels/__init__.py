@@ -35,7 +35,8 @@ limit_openmp_spinning(warn_now="gradflow" in sys.modules)
 from ._blas import matmul  # noqa: E402 (loads MKL after the setting above)
 
 __all__ = [
-    "ACTIVATIONS", "CPU_MIN_SIZE", "FORWARD_ACTIVATIONS", "activation_backward",
+    "ACTIVATIONS", "CPU_MIN_SIZE", "FORK_REASON", "FORWARD_ACTIVATIONS",
+    "activation_backward", "cpu_kernels_forked",
     "adam_table", "fused_activation_backward", "fused_activation_forward",
     "matmul", "multi_tensor_plan",
 ]
@@ -62,6 +63,19 @@ CPU_MIN_SIZE = 1 << 14
 
 _CPU_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _CUDA_DTYPES = _CPU_DTYPES + (np.dtype(np.float16),)
+
+
+# The reason, for error messages, that the CPU kernels do not run in a forked process.
+FORK_REASON = (
+    "this process was forked after the OpenMP worker threads of gradflow's "
+    "parallel CPU kernels started, and the kernels cannot run in it. Start "
+    "worker processes with the 'spawn' or 'forkserver' method"
+)
+
+
+def cpu_kernels_forked():
+    """Return whether the parallel CPU kernels are off because of a fork."""
+    return _threads.forked_from_openmp
 
 
 def fused_activation_backward(name, saved, grad_output, **params):
@@ -139,11 +153,8 @@ def activation_backward(name, saved, grad_output, **params):
     if isinstance(saved, np.ndarray):
         if _threads.forked_from_openmp:
             raise RuntimeError(
-                f"activation_backward({name!r}): this process was forked after "
-                "Numba's OpenMP threads started, and a parallel CPU kernel would "
-                "end it. Start worker processes with the 'spawn' or "
-                "'forkserver' method, or use gradflow's ops, which fall back "
-                "to NumPy in such a process."
+                f"activation_backward({name!r}): {FORK_REASON}, or use "
+                "gradflow's ops, which fall back to NumPy in such a process."
             )
         from . import _cpu
 

@@ -7,6 +7,8 @@ products on the same OpenMP workers as Numba's parallel loops, so products
 and kernels take turns on one pool. On a 2-core Xeon, MKL also multiplied
 a 256 x 512 by a 512 x 512 float32 matrix in a chain of such products in
 about 0.51 ms, against 0.62 ms for OpenBLAS (benchmarks/RESULTS.md).
+Batches of matrices go to MKL too, so that gradflow's own products never
+wake OpenBLAS's workers while MKL's run.
 
 ``GRADFLOW_BLAS``, read at import, picks the library: ``auto`` (the
 default) uses MKL where it loads, ``numpy`` never does, and ``mkl`` raises
@@ -20,6 +22,7 @@ parallel product would wait for them forever.
 """
 
 import ctypes
+import math
 import os
 import sys
 
@@ -36,6 +39,10 @@ MIN_WORK = 1 << 20
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # MKL's threading and interface layer codes (mkl_service.h).
 _THREADING_GNU, _INTERFACE_LP64 = 3, 0
+# The values of MKL_THREADING_LAYER that gradflow keeps: GNU OpenMP (its
+# default), Intel OpenMP (the intel-openmp wheel that mkl requires) and one
+# thread.
+_LAYERS_KEPT = ("GNU", "INTEL", "SEQUENTIAL")
 # LP64 passes dimensions as 32-bit ints.
 _INT_MAX = (1 << 31) - 1
 
@@ -71,9 +78,11 @@ def _library_path():
 
 
 def _load():
-    """Load MKL on GNU OpenMP and return (sgemm, dgemm, path, set_local_threads).
+    """Load MKL on GNU OpenMP and return (gemms, path, set_local_threads).
 
-    Raises OSError when the library is missing or rejects a setting.
+    ``gemms`` maps float32 and float64 to their ``(cblas_?gemm,
+    cblas_?gemm_batch_strided)``. Raises OSError when the library is
+    missing or rejects a setting.
     """
     path = _library_path()
     if path is None:
@@ -81,9 +90,18 @@ def _load():
     # MKL's GNU threading layer calls the OpenMP runtime that the process
     # already has, so the runtime's symbols must be global. This is the
     # libgomp that Numba's OpenMP layer links.
+    layer = os.environ.get("MKL_THREADING_LAYER", "").strip().upper()
+    if layer and layer not in _LAYERS_KEPT:
+        # MKL ends the process, with no Python exception, when the library
+        # of a layer does not load (the TBB layer where libtbb is not on the
+        # loader's path), so only layers that ship in the wheel are tried.
+        raise OSError(
+            f"MKL_THREADING_LAYER={os.environ['MKL_THREADING_LAYER']!r} is not "
+            f"one of {', '.join(_LAYERS_KEPT)}; unset it or pick one of those"
+        )
     ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL)
     library = ctypes.CDLL(path)
-    if "MKL_THREADING_LAYER" not in os.environ:
+    if not layer:
         library.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
         if library.MKL_Set_Threading_Layer(_THREADING_GNU) != _THREADING_GNU:
             raise OSError(f"{path} did not accept the GNU OpenMP threading layer")
@@ -93,18 +111,29 @@ def _load():
     if library.MKL_Set_Interface_Layer(_INTERFACE_LP64) != _INTERFACE_LP64:
         raise OSError(f"{path} did not accept the LP64 interface layer")
     library.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
-    functions = []
-    for name, scalar in (("cblas_sgemm", ctypes.c_float), ("cblas_dgemm", ctypes.c_double)):
-        function = getattr(library, name)
-        function.restype = None
-        function.argtypes = [ctypes.c_int] * 6 + [
+    gemms = {}
+    for letter, scalar, dtype in (("s", ctypes.c_float, np.float32),
+                                  ("d", ctypes.c_double, np.float64)):
+        gemm = getattr(library, f"cblas_{letter}gemm")
+        gemm.restype = None
+        gemm.argtypes = [ctypes.c_int] * 6 + [
             scalar, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
             scalar, ctypes.c_void_p, ctypes.c_int,
         ]
-        functions.append(function)
-    return functions[0], functions[1], path, library.MKL_Set_Num_Threads_Local
+        # The same, with a stride between the matrices of each operand and a
+        # batch size at the end.
+        batch = getattr(library, f"cblas_{letter}gemm_batch_strided")
+        batch.restype = None
+        batch.argtypes = [ctypes.c_int] * 6 + [
+            scalar, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+            scalar, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ]
+        gemms[np.dtype(dtype)] = (gemm, batch)
+    return gemms, path, library.MKL_Set_Num_Threads_Local
 
 
+# dtype: (cblas_?gemm, cblas_?gemm_batch_strided)
 _GEMM = {}
 LIBRARY = None  # the loaded libmkl_rt's path, or None when NumPy multiplies
 # Whether ``matmul`` has multiplied through MKL in this process, which
@@ -118,30 +147,42 @@ def _start():
     if setting == "numpy":
         return
     try:
-        sgemm, dgemm, path, set_local_threads = _load()
+        gemms, path, set_local_threads = _load()
     except (OSError, AttributeError) as error:
         if setting == "mkl":
             raise ImportError(
-                f"GRADFLOW_BLAS=mkl, but MKL did not load: {error}. Install it "
-                "with pip install 'gradflow[mkl]', or unset GRADFLOW_BLAS."
+                f"GRADFLOW_BLAS=mkl, but MKL did not load: {error}. Unset "
+                "GRADFLOW_BLAS to multiply with NumPy instead."
             ) from error
         return
-    _GEMM[np.dtype(np.float32)] = sgemm
-    _GEMM[np.dtype(np.float64)] = dgemm
+    _GEMM.update(gemms)
     LIBRARY = path
-    # One known product, so that a library that loads but computes nonsense
-    # is not used. It runs on one thread, so that importing gradflow starts
-    # no OpenMP workers and a process forked right after keeps the kernels.
-    a = np.arange(1.0, 4097.0).reshape(64, 64)
-    previous = set_local_threads(1)
-    try:
-        product = _multiply(a, a.T)
-    finally:
-        set_local_threads(previous)
-    if not np.allclose(product, a @ a.T, rtol=1e-12, atol=0):
+    if not _products_check_out(set_local_threads):
         forget()
         if setting == "mkl":
             raise ImportError(f"GRADFLOW_BLAS=mkl, but {path} gave a wrong product")
+
+
+def _products_check_out(set_local_threads):
+    """Return whether MKL computes a known product and a known batch of two.
+
+    A library that loads but computes nonsense is then not used. The check
+    runs on one thread, so that importing gradflow starts no OpenMP workers
+    and a process forked right after keeps the kernels.
+    """
+    a = np.arange(1.0, 4097.0).reshape(64, 64)
+    left, right = np.stack([a, a.T]), np.stack([a.T, a])
+    previous = set_local_threads(1)
+    try:
+        product = _multiply(a, a.T, ())
+        products = _multiply(left, right, (2,))
+    finally:
+        set_local_threads(previous)
+    expected = left @ right
+    if product is None or products is None:
+        return False
+    return bool(np.allclose(product, expected[0], rtol=1e-12, atol=0)
+                and np.allclose(products, expected, rtol=1e-12, atol=0))
 
 
 def _layout(array):
@@ -161,41 +202,88 @@ def _layout(array):
     return None
 
 
+def _batch_stride(array, batch):
+    """Return the element stride between the matrices of ``array`` broadcast to ``batch``.
+
+    None means that no single stride walks them in order: the leading axes
+    do not nest like those of a C-ordered array (a permuted batch, or a
+    broadcast axis outside a strided one), or a stride is negative.
+    """
+    pad = len(batch) - (array.ndim - 2)
+    axes = []
+    for axis, size in enumerate(batch):
+        if size == 1:
+            continue
+        own = axis - pad
+        broadcast = own < 0 or array.shape[own] == 1
+        axes.append((size, 0 if broadcast else array.strides[own]))
+    if not axes or all(stride == 0 for _, stride in axes):
+        return 0
+    for (_, outer), (size, inner) in zip(axes, axes[1:]):
+        if outer != inner * size:
+            return None
+    stride = axes[-1][1]
+    if stride < 0 or stride % array.itemsize:
+        return None
+    return stride // array.itemsize
+
+
 def matmul(a, b, min_work=MIN_WORK):
-    """Return ``a @ b`` for 2-D NumPy arrays through MKL, or None.
+    """Return ``a @ b`` for NumPy arrays of two or more axes through MKL, or None.
 
     Both arrays must be float32 or both float64, in native byte order and
-    aligned, each with rows or columns at unit stride (C order, Fortran
-    order, a transpose or a slice of either). None means that NumPy's
-    product is the one to use: MKL is not loaded, the operands do not fit,
-    or the product has fewer than ``min_work`` multiply-adds.
+    aligned, each matrix with rows or columns at unit stride (C order,
+    Fortran order, a transpose or a slice of either). Leading axes
+    broadcast as in NumPy and must be walkable with one stride per operand
+    (any C-ordered or broadcast batch). None means that NumPy's product is
+    the one to use: MKL is not loaded, the operands do not fit, or the
+    product has fewer than ``min_work`` multiply-adds in all.
     """
     global ran_product
     if a.dtype not in _GEMM or b.dtype != a.dtype or not a.dtype.isnative:
         return None
-    if type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim != 2 or b.ndim != 2:
+    if type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim < 2 or b.ndim < 2:
         return None
-    m, k = a.shape
-    if b.shape[0] != k or m * b.shape[1] * k < max(min_work, 1):
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if b.shape[-2] != k:
         return None
-    out = _multiply(a, b)
+    try:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        return None
+    if math.prod(batch) * m * n * k < max(min_work, 1):
+        return None
+    out = _multiply(a, b, batch)
     ran_product = ran_product or out is not None
     return out
 
 
-def _multiply(a, b):
+def _multiply(a, b, batch):
     """Return ``a @ b`` through MKL, or None if the operands do not fit its call."""
-    m, k = a.shape
-    n = b.shape[1]
-    if max(m, n, k) > _INT_MAX or not (a.flags.aligned and b.flags.aligned):
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    count = math.prod(batch)
+    if max(m, n, k, count, m * n) > _INT_MAX or not (a.flags.aligned and b.flags.aligned):
         return None
-    layout_a = _layout(a)
-    layout_b = _layout(b)
+    # The first matrix of each operand gives the layout of all of them.
+    layout_a = _layout(a[(0,) * (a.ndim - 2)])
+    layout_b = _layout(b[(0,) * (b.ndim - 2)])
     if layout_a is None or layout_b is None or max(layout_a[1], layout_b[1]) > _INT_MAX:
         return None
-    out = np.empty((m, n), dtype=a.dtype)
-    _GEMM[a.dtype](_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0, a.ctypes.data,
-                   layout_a[1], b.ctypes.data, layout_b[1], 0.0, out.ctypes.data, n)
+    gemm, gemm_batch = _GEMM[a.dtype]
+    out = np.empty(batch + (m, n), dtype=a.dtype)
+    if not batch:
+        gemm(_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0, a.ctypes.data,
+             layout_a[1], b.ctypes.data, layout_b[1], 0.0, out.ctypes.data, n)
+        return out
+    stride_a = _batch_stride(a, batch)
+    stride_b = _batch_stride(b, batch)
+    if stride_a is None or stride_b is None or max(stride_a, stride_b) > _INT_MAX:
+        return None
+    gemm_batch(_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0,
+               a.ctypes.data, layout_a[1], stride_a, b.ctypes.data, layout_b[1], stride_b,
+               0.0, out.ctypes.data, n, m * n, count)
     return out
 
 

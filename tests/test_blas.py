@@ -1,11 +1,13 @@
 """Matrix products through MKL (gradflow_kernels._blas) and the NumPy fallback."""
 
+import math
+
 import numpy as np
 import pytest
 
 import gradflow as gf
 from gradflow_kernels import _blas
-from fresh_python import output_lines
+from fresh_python import output_lines, run_python
 
 needs_mkl = pytest.mark.skipif(_blas.LIBRARY is None, reason="MKL is not installed")
 
@@ -100,7 +102,8 @@ class _Subclass(np.ndarray):
 
 @pytest.mark.parametrize("case", [
     "small", "int64", "float16", "complex128", "mixed", "swapped", "reversed",
-    "strided", "one_d", "three_d", "mismatch", "empty", "subclass", "unaligned",
+    "strided", "one_d", "mismatch", "empty", "subclass", "unaligned",
+    "batch_not_nested", "batch_reversed", "batch_mismatch", "small_batch",
 ])
 def test_products_left_to_numpy(case):
     a, b = _operands(np.float32)
@@ -119,8 +122,17 @@ def test_products_left_to_numpy(case):
         a = np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)[::2, ::2]
     elif case == "one_d":
         a = a[0]
-    elif case == "three_d":
-        a = a[None]
+    elif case == "batch_not_nested":
+        # Batch (2, 3) where a repeats along the inner axis only: no single
+        # stride walks its six matrices.
+        a = np.broadcast_to(np.stack([a, a])[:, None], (2, 3) + a.shape)
+        b = np.stack([b, b, b])
+    elif case == "batch_reversed":
+        a = np.stack([a, a])[::-1]
+    elif case == "batch_mismatch":
+        a, b = np.stack([a, a]), np.stack([b, b, b])
+    elif case == "small_batch":
+        a, b = np.stack([a[:48, :48]] * 4), b[:48, :48]  # 4 * 48**3 multiply-adds
     elif case == "mismatch":
         b = b[:-1]
     elif case == "empty":
@@ -142,6 +154,54 @@ def test_bad_setting_names_the_variable(monkeypatch):
 def test_setting_ignores_case_and_spaces(monkeypatch, setting):
     monkeypatch.setenv("GRADFLOW_BLAS", setting)
     assert _blas._setting() == (setting.strip().lower() or "auto")
+
+
+_BATCHES = {
+    "same": ((6,), (6,)),
+    "weight_2d": ((6,), ()),
+    "input_2d": ((), (6,)),
+    "four_d": ((2, 3), (2, 3)),
+    "broadcast_ones": ((2, 3), (1, 1)),
+    "leading_one": ((1, 5), (5,)),
+}
+
+
+def _batched(shape, base):
+    """``base`` repeated into a C-ordered batch of ``shape`` with distinct values."""
+    scale = np.arange(1, math.prod(shape) + 1, dtype=base.dtype).reshape(shape + (1, 1))
+    return base * scale / scale.size
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batches", sorted(_BATCHES))
+def test_batched_products(dtype, batches):
+    shape_a, shape_b = _BATCHES[batches]
+    base_a, base_b = _operands(dtype)
+    a, b = _batched(shape_a, base_a), _batched(shape_b, base_b)
+    out = _blas.matmul(a, b)
+    assert out is not None, "MKL did not take the product"
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    assert out.shape == expected.shape
+    tolerance = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance * N)
+
+
+@needs_mkl
+@pytest.mark.parametrize("case", ["interleaved", "transposed_matrices", "broadcast_to"])
+def test_strided_batches(case):
+    a, b = _operands(np.float64)
+    stacked = np.stack([a, 2 * a, 3 * a])
+    if case == "interleaved":
+        # Batch axis in the middle of the memory: matrices share rows.
+        a = np.ascontiguousarray(stacked.transpose(1, 0, 2)).transpose(1, 0, 2)
+    elif case == "transposed_matrices":
+        a = np.ascontiguousarray(stacked.transpose(0, 2, 1)).transpose(0, 2, 1)
+    else:
+        a = np.broadcast_to(a, (4,) + a.shape)
+    out = _blas.matmul(a, b)
+    assert out is not None, "MKL did not take the product"
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12, atol=1e-10)
 
 
 def _isolated_start(monkeypatch, setting, load):
@@ -170,16 +230,23 @@ def test_missing_mkl_raises_when_required(monkeypatch):
 
 
 def _wrong_gemm(*args):
-    # Leaves the output as np.empty made it: not the product.
-    out = np.ctypeslib.as_array(
-        (np.ctypeslib.ctypes.c_double * (args[3] * args[4])).from_address(args[12]))
+    # Writes zeros, not the product. A plain call passes 14 arguments with
+    # the output at 12; a batched call 18, with the output at 14 and the
+    # batch size last.
+    m, n = args[3], args[4]
+    if len(args) == 14:
+        address, count = args[12], m * n
+    else:
+        address, count = args[14], m * n * args[17]
+    out = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_double * count).from_address(address))
     out[:] = 0.0
 
 
 @pytest.mark.parametrize("setting", ["auto", "mkl"])
 def test_library_with_wrong_products_is_dropped(monkeypatch, setting):
     def load():
-        return _wrong_gemm, _wrong_gemm, "/fake/libmkl_rt.so", lambda count: 0
+        gemms = {np.dtype(np.float64): (_wrong_gemm, _wrong_gemm)}
+        return gemms, "/fake/libmkl_rt.so", lambda count: 0
 
     if setting == "mkl":
         with pytest.raises(ImportError, match="gave a wrong product"):
@@ -202,6 +269,20 @@ def test_ilp64_setting_is_overridden(layer):
         print(out is not None, np.allclose(out, a @ a))
     """, MKL_INTERFACE_LAYER=layer)
     assert lines[-1] == "True True"
+
+
+@needs_mkl
+@pytest.mark.parametrize("layer", ["TBB", "bogus"])
+def test_unknown_threading_layer_falls_back(layer):
+    # MKL would end the process if the layer's library failed to load.
+    lines = output_lines("""
+        import gradflow_kernels
+        print(gradflow_kernels._blas.LIBRARY)
+    """, MKL_THREADING_LAYER=layer)
+    assert lines[-1] == "None"
+    result = run_python("import gradflow", MKL_THREADING_LAYER=layer, GRADFLOW_BLAS="mkl")
+    assert result.returncode == 1
+    assert f"MKL_THREADING_LAYER='{layer}' is not one of GNU, INTEL, SEQUENTIAL" in result.stderr
 
 
 def test_numpy_setting_never_loads():
@@ -236,9 +317,12 @@ def test_linear_agrees_with_and_without_mkl(monkeypatch, x_shape):
         return [t.detach().numpy() for t in (y, x.grad, w.grad, b.grad)]
 
     calls = []
-    for dtype, gemm in list(_blas._GEMM.items()):
-        monkeypatch.setitem(_blas._GEMM, dtype,
-                            lambda *args, gemm=gemm: (calls.append(args[3:6]), gemm(*args)))
+    for dtype, (gemm, batch) in list(_blas._GEMM.items()):
+        def counted(*args, gemm=gemm):
+            calls.append(args[3:6])
+            return gemm(*args)
+
+        monkeypatch.setitem(_blas._GEMM, dtype, (counted, batch))
     with_mkl = run()
     if _blas.LIBRARY is not None and len(x_shape) > 1:
         # The forward product and both gradient products.

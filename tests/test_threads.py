@@ -169,6 +169,15 @@ def child(queue):
         gradflow_kernels.activation_backward("gelu", ones, ones)
     except RuntimeError as error:
         explicit = str(error)
+    fused = gf.optim.Adam(model.parameters(), fused=True)
+    try:
+        fused.step()
+    except ValueError as error:
+        print("fused Adam:", "forked" if "was forked" in str(error) else error, flush=True)
+    try:
+        gf.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    except RuntimeError as error:
+        print("foreach clip:", "forked" if "was forked" in str(error) else error, flush=True)
     queue.put(([step() for _ in range(3)], explicit))
 
 if {warm}:
@@ -197,7 +206,9 @@ def test_forked_child_trains_without_the_parallel_kernels(blas):
     assert "exit 0" in lines
     assert "close True" in lines
     explicit = next(line for line in lines if line.startswith("explicit "))
-    assert "forked after Numba's OpenMP threads started" in explicit
+    assert "forked after the OpenMP worker threads" in explicit
+    assert "fused Adam: forked" in lines
+    assert "foreach clip: forked" in lines
 
 
 @pytest.mark.parametrize("blas", ["numpy", "auto"])

@@ -13,10 +13,11 @@ __all__ = ["as_operand", "check_broadcast", "check_float", "matmul_arrays", "nor
 def matmul_arrays(a, b):
     """Return ``a @ b`` of two NumPy or CuPy arrays.
 
-    Large 2-D float products on the CPU go to MKL when it is installed (see
-    ``gradflow_kernels.matmul``); every other product is the array library's.
+    Large float products of matrices or batches of matrices on the CPU go
+    to MKL when it is installed (see ``gradflow_kernels.matmul``). Every
+    other product is the array library's.
     """
-    if a.ndim == 2 and b.ndim == 2:
+    if a.ndim >= 2 and b.ndim >= 2:
         out = gradflow_kernels.matmul(a, b)
         if out is not None:
             return out

@@ -264,6 +264,11 @@ def _device_state(group, norm_type, max_norm, foreach):
 
 
 def _raise_no_foreach(arrays):
+    if isinstance(arrays[0], np.ndarray) and gradflow_kernels.cpu_kernels_forked():
+        raise RuntimeError(
+            f"clip_grad_norm_: foreach=True, but {gradflow_kernels.FORK_REASON}. "
+            "Pass foreach=None to fall back to the per-gradient loop."
+        )
     dtypes = sorted({str(a.dtype) for a in arrays})
     raise RuntimeError(
         "clip_grad_norm_: foreach=True, but the multi-tensor kernels do not "

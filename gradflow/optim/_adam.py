@@ -3,6 +3,7 @@
 import math
 
 import gradflow_kernels
+import numpy as np
 
 from .. import _device
 from ._optimizer import (
@@ -99,6 +100,9 @@ class Adam(Optimizer):
         if key not in tables:
             tables[key] = gradflow_kernels.adam_table(array)
         table = tables[key]
+        if table is None and gradflow_kernels.cpu_kernels_forked() \
+                and isinstance(array, np.ndarray):
+            return self._reject_fused(group, param, gradflow_kernels.FORK_REASON)
         if table is None:
             return self._reject_fused(
                 group, param, "no kernel takes its dtype on its device"
