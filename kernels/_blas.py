@@ -234,10 +234,12 @@ def matmul(a, b, min_work=MIN_WORK):
     Both arrays must be float32 or both float64, in native byte order and
     aligned, each matrix with rows or columns at unit stride (C order,
     Fortran order, a transpose or a slice of either). Leading axes
-    broadcast as in NumPy and must be walkable with one stride per operand
-    (any C-ordered or broadcast batch). None means that NumPy's product is
-    the one to use: MKL is not loaded, the operands do not fit, or the
-    product has fewer than ``min_work`` multiply-adds in all.
+    broadcast as in NumPy. Each MKL call walks the inner batch axes with
+    one stride per operand. Where the outer axes do not nest with them (a
+    weight shared along an outer axis only), MKL is called once for each of
+    up to 64 combinations of the outer axes. None means that NumPy's
+    product is the one to use: MKL is not loaded, the operands do not fit,
+    or the product has fewer than ``min_work`` multiply-adds in all.
     """
     global ran_product
     if a.dtype not in _GEMM or b.dtype != a.dtype or not a.dtype.isnative:
@@ -272,19 +274,56 @@ def _multiply(a, b, batch):
     if layout_a is None or layout_b is None or max(layout_a[1], layout_b[1]) > _INT_MAX:
         return None
     gemm, gemm_batch = _GEMM[a.dtype]
-    out = np.empty(batch + (m, n), dtype=a.dtype)
+
     if not batch:
+        out = np.empty((m, n), dtype=a.dtype)
         gemm(_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0, a.ctypes.data,
              layout_a[1], b.ctypes.data, layout_b[1], 0.0, out.ctypes.data, n)
         return out
-    stride_a = _batch_stride(a, batch)
-    stride_b = _batch_stride(b, batch)
-    if stride_a is None or stride_b is None or max(stride_a, stride_b) > _INT_MAX:
+
+    a = np.broadcast_to(a, batch + (m, k))
+    b = np.broadcast_to(b, batch + (k, n))
+    split = _batch_split(a, b, batch)
+    if split is None:
         return None
-    gemm_batch(_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0,
-               a.ctypes.data, layout_a[1], stride_a, b.ctypes.data, layout_b[1], stride_b,
-               0.0, out.ctypes.data, n, m * n, count)
+    inner = math.prod(batch[split:])
+    stride_a = _batch_stride(a[(0,) * split], batch[split:])
+    stride_b = _batch_stride(b[(0,) * split], batch[split:])
+    # NOTE: whether MKL's LP64 batch call computes a matrix's offset
+    # (index times stride) in 32 bits is not documented, so offsets past
+    # 2^31 elements stay with NumPy.
+    if max(stride_a, stride_b, m * n) * inner > _INT_MAX:
+        return None
+
+    out = np.empty(batch + (m, n), dtype=a.dtype)
+    for index in np.ndindex(batch[:split]):
+        gemm_batch(_ROW_MAJOR, layout_a[0], layout_b[0], m, n, k, 1.0,
+                   a[index].ctypes.data, layout_a[1], stride_a,
+                   b[index].ctypes.data, layout_b[1], stride_b,
+                   0.0, out[index].ctypes.data, n, m * n, inner)
     return out
+
+
+# Most batch calls one product may take, when its outer batch axes do not
+# nest with the inner ones (a weight shared along one axis only).
+_MAX_CALLS = 64
+
+
+def _batch_split(a, b, batch):
+    """Return the fewest outer batch axes to loop over, or None.
+
+    The axes after the split must be walkable with one stride in both ``a``
+    and ``b`` (already broadcast to ``batch``), and the loop over the axes
+    before it may take at most ``_MAX_CALLS`` calls.
+    """
+    for split in range(len(batch) + 1):
+        if math.prod(batch[:split]) > _MAX_CALLS:
+            return None
+        inner = batch[split:]
+        if _batch_stride(a[(0,) * split], inner) is not None \
+                and _batch_stride(b[(0,) * split], inner) is not None:
+            return split
+    return None
 
 
 def forget():

@@ -103,7 +103,7 @@ class _Subclass(np.ndarray):
 @pytest.mark.parametrize("case", [
     "small", "int64", "float16", "complex128", "mixed", "swapped", "reversed",
     "strided", "one_d", "mismatch", "empty", "subclass", "unaligned",
-    "batch_not_nested", "batch_reversed", "batch_mismatch", "small_batch",
+    "batch_not_nested", "batch_mismatch", "small_batch",
 ])
 def test_products_left_to_numpy(case):
     a, b = _operands(np.float32)
@@ -123,12 +123,10 @@ def test_products_left_to_numpy(case):
     elif case == "one_d":
         a = a[0]
     elif case == "batch_not_nested":
-        # Batch (2, 3) where a repeats along the inner axis only: no single
-        # stride walks its six matrices.
-        a = np.broadcast_to(np.stack([a, a])[:, None], (2, 3) + a.shape)
-        b = np.stack([b, b, b])
-    elif case == "batch_reversed":
-        a = np.stack([a, a])[::-1]
+        # 65 outer combinations, each with its own inner batch of 2, where a
+        # repeats along the inner axis only: more calls than gradflow makes.
+        a = np.broadcast_to(np.stack([a] * 65)[:, None], (65, 2) + a.shape)
+        b = np.stack([b, b])
     elif case == "batch_mismatch":
         a, b = np.stack([a, a]), np.stack([b, b, b])
     elif case == "small_batch":
@@ -158,6 +156,9 @@ def test_setting_ignores_case_and_spaces(monkeypatch, setting):
 
 _BATCHES = {
     "same": ((6,), (6,)),
+    "weight_per_inner": ((4, 3), (3,)),
+    "weight_per_outer": ((3, 4), (3, 1)),
+    "both_broadcast": ((2, 1), (1, 3)),
     "weight_2d": ((6,), ()),
     "input_2d": ((), (6,)),
     "four_d": ((2, 3), (2, 3)),
@@ -188,7 +189,8 @@ def test_batched_products(dtype, batches):
 
 
 @needs_mkl
-@pytest.mark.parametrize("case", ["interleaved", "transposed_matrices", "broadcast_to"])
+@pytest.mark.parametrize("case", ["interleaved", "transposed_matrices", "broadcast_to",
+                                  "reversed", "every_other"])
 def test_strided_batches(case):
     a, b = _operands(np.float64)
     stacked = np.stack([a, 2 * a, 3 * a])
@@ -197,6 +199,11 @@ def test_strided_batches(case):
         a = np.ascontiguousarray(stacked.transpose(1, 0, 2)).transpose(1, 0, 2)
     elif case == "transposed_matrices":
         a = np.ascontiguousarray(stacked.transpose(0, 2, 1)).transpose(0, 2, 1)
+    elif case == "reversed":
+        # One call per matrix, since no positive stride walks them.
+        a = stacked[::-1]
+    elif case == "every_other":
+        a = np.stack([a, -a, 2 * a, -2 * a, 3 * a])[::2]
     else:
         a = np.broadcast_to(a, (4,) + a.shape)
     out = _blas.matmul(a, b)
@@ -389,3 +396,13 @@ def test_linear_with_an_empty_axis(x_shape, weight_shape):
     rows = int(np.prod(x_shape[:-1]))
     np.testing.assert_array_equal(w.grad.numpy(), np.full(weight_shape, float(rows)))
     np.testing.assert_array_equal(b.grad.numpy(), np.full(weight_shape[:1], float(rows)))
+
+
+@needs_mkl
+def test_batch_offsets_past_int32_left_to_numpy():
+    # Never multiplied: the view reaches far past its buffer, and matmul must
+    # decline before reading it.
+    a, b = _operands(np.float32)
+    far = np.lib.stride_tricks.as_strided(
+        a, shape=(2,) + a.shape, strides=((1 << 30) * a.itemsize,) + a.strides)
+    assert _blas.matmul(far, b) is None
