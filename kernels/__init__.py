@@ -12,8 +12,9 @@ Numba is imported on the first call that needs a kernel, never at import.
 * ``adam_table`` tables the parameters, gradients and Adam states of one
   dtype and device, so that one parallel CPU loop or one CUDA launch
   updates them all (``gradflow.optim``).
-* ``matmul`` multiplies two large 2-D NumPy float arrays through MKL when
-  the ``mkl`` wheel is installed, or returns None (``_blas``).
+* ``matmul`` multiplies large NumPy float matrices, or batches of them,
+  through MKL when the ``mkl`` wheel is installed, or returns None
+  (``_blas``).
 """
 
 import sys

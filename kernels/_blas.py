@@ -87,9 +87,6 @@ def _load():
     path = _library_path()
     if path is None:
         raise OSError("the mkl package is not installed (pip install 'gradflow[mkl]')")
-    # MKL's GNU threading layer calls the OpenMP runtime that the process
-    # already has, so the runtime's symbols must be global. This is the
-    # libgomp that Numba's OpenMP layer links.
     layer = os.environ.get("MKL_THREADING_LAYER", "").strip().upper()
     if layer and layer not in _LAYERS_KEPT:
         # MKL ends the process, with no Python exception, when the library
@@ -99,6 +96,9 @@ def _load():
             f"MKL_THREADING_LAYER={os.environ['MKL_THREADING_LAYER']!r} is not "
             f"one of {', '.join(_LAYERS_KEPT)}; unset it or pick one of those"
         )
+    # MKL's GNU threading layer calls the OpenMP runtime that the process
+    # already has, so the runtime's symbols must be global. This is the
+    # libgomp that Numba's OpenMP layer links.
     ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL)
     library = ctypes.CDLL(path)
     if not layer:
@@ -202,22 +202,18 @@ def _layout(array):
     return None
 
 
-def _batch_stride(array, batch):
-    """Return the element stride between the matrices of ``array`` broadcast to ``batch``.
+def _batch_stride(array):
+    """Return the element stride between the matrices of a batch, or None.
 
-    None means that no single stride walks them in order: the leading axes
-    do not nest like those of a C-ordered array (a permuted batch, or a
-    broadcast axis outside a strided one), or a stride is negative.
+    ``array`` is already broadcast to the full batch, so a repeated operand
+    has stride 0 along its repeated axes. None means that no single stride
+    walks the matrices in order: the leading axes do not nest like those of
+    a C-ordered array (a permuted batch, or a broadcast axis outside a
+    strided one), or a stride is negative.
     """
-    pad = len(batch) - (array.ndim - 2)
-    axes = []
-    for axis, size in enumerate(batch):
-        if size == 1:
-            continue
-        own = axis - pad
-        broadcast = own < 0 or array.shape[own] == 1
-        axes.append((size, 0 if broadcast else array.strides[own]))
-    if not axes or all(stride == 0 for _, stride in axes):
+    axes = [(size, stride) for size, stride in zip(array.shape[:-2], array.strides[:-2])
+            if size != 1]
+    if all(stride == 0 for _, stride in axes):
         return 0
     for (_, outer), (size, inner) in zip(axes, axes[1:]):
         if outer != inner * size:
@@ -286,9 +282,8 @@ def _multiply(a, b, batch):
     split = _batch_split(a, b, batch)
     if split is None:
         return None
+    split, stride_a, stride_b = split
     inner = math.prod(batch[split:])
-    stride_a = _batch_stride(a[(0,) * split], batch[split:])
-    stride_b = _batch_stride(b[(0,) * split], batch[split:])
     # NOTE: whether MKL's LP64 batch call computes a matrix's offset
     # (index times stride) in 32 bits is not documented, so offsets past
     # 2^31 elements stay with NumPy.
@@ -310,19 +305,21 @@ _MAX_CALLS = 64
 
 
 def _batch_split(a, b, batch):
-    """Return the fewest outer batch axes to loop over, or None.
+    """Return (outer axes to loop over, stride of a, stride of b), or None.
 
-    The axes after the split must be walkable with one stride in both ``a``
-    and ``b`` (already broadcast to ``batch``), and the loop over the axes
-    before it may take at most ``_MAX_CALLS`` calls.
+    The split is the fewest outer batch axes that leave inner axes walkable
+    with one stride in both ``a`` and ``b`` (already broadcast to
+    ``batch``). The loop over the outer axes may take at most
+    ``_MAX_CALLS`` calls.
     """
     for split in range(len(batch) + 1):
         if math.prod(batch[:split]) > _MAX_CALLS:
             return None
-        inner = batch[split:]
-        if _batch_stride(a[(0,) * split], inner) is not None \
-                and _batch_stride(b[(0,) * split], inner) is not None:
-            return split
+        first = (0,) * split
+        stride_a = _batch_stride(a[first])
+        stride_b = _batch_stride(b[first])
+        if stride_a is not None and stride_b is not None:
+            return split, stride_a, stride_b
     return None
 
 

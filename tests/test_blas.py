@@ -72,7 +72,7 @@ def test_vector_shaped_operands(shape):
 
 
 @needs_mkl
-def test_non_finite_values_propagate_as_in_numpy():
+def test_non_finite_values_propagate():
     a, b = _operands(np.float64)
     a[3, 5] = np.nan
     a[7, 0] = np.inf
@@ -250,7 +250,7 @@ def _wrong_gemm(*args):
 
 
 @pytest.mark.parametrize("setting", ["auto", "mkl"])
-def test_library_with_wrong_products_is_dropped(monkeypatch, setting):
+def test_wrong_products_drop_library(monkeypatch, setting):
     def load():
         gemms = {np.dtype(np.float64): (_wrong_gemm, _wrong_gemm)}
         return gemms, "/fake/libmkl_rt.so", lambda count: 0
@@ -399,7 +399,7 @@ def test_linear_with_an_empty_axis(x_shape, weight_shape):
 
 
 @needs_mkl
-def test_batch_offsets_past_int32_left_to_numpy():
+def test_batch_offsets_past_int32_declined():
     # Never multiplied: the view reaches far past its buffer, and matmul must
     # decline before reading it.
     a, b = _operands(np.float32)

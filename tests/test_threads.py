@@ -196,7 +196,7 @@ print("close", np.allclose(losses, [step() for _ in range(3)], rtol=1e-5))
 
 
 @pytest.mark.parametrize("blas", ["numpy", "auto"])
-def test_forked_child_trains_without_the_parallel_kernels(blas):
+def test_forked_child_skips_parallel_kernels(blas):
     # Numba ends a child forked after its OpenMP workers started, at the
     # child's first parallel loop, and MKL's products would wait for the
     # parent's workers forever. So gradflow's ops fall back to NumPy there.
@@ -212,7 +212,7 @@ def test_forked_child_trains_without_the_parallel_kernels(blas):
 
 
 @pytest.mark.parametrize("blas", ["numpy", "auto"])
-def test_child_forked_right_after_import_keeps_kernels(blas):
+def test_fork_after_import_keeps_kernels(blas):
     # Importing gradflow starts no OpenMP workers (MKL's check product runs
     # on one thread), so such a child still runs the kernels and MKL.
     lines = output_lines(_FORKED_CHILD.replace("{warm}", "False"), GRADFLOW_BLAS=blas)

@@ -193,13 +193,15 @@ class GradientBuffer:
 
     def _norm_state(self, norm_type, max_norm, reference):
         """Return float64 [norm, coefficient] over the whole buffer."""
-        if self._active_plan is not None:
-            return self._active_plan.norm(norm_type, max_norm)
+        plan = self._active_plan
+        if plan is not None:
+            return plan.norm(norm_type, max_norm)
         return reference(self._flats, norm_type, max_norm)
 
     def _scale_(self, state):
-        if self._active_plan is not None:
-            self._active_plan.scale_(state)
+        plan = self._active_plan
+        if plan is not None:
+            plan.scale_(state)
         else:
             for flat in self._flats:
                 flat *= state[1].astype(flat.dtype)

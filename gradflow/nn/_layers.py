@@ -63,7 +63,7 @@ class LinearFunction(Function):
             rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
             out = matmul_arrays(rows, weight.T).reshape(x.shape[:-1] + weight.shape[:1])
         else:
-            out = matmul_arrays(x, weight.T) if x.ndim >= 2 else x @ weight.T
+            out = matmul_arrays(x, weight.T)
         if bias is not None:
             out += bias
         return out
